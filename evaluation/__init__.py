@@ -1,0 +1,7 @@
+"""Benchmark metrics for ID-preserving video generation (MagicMirror's Table 1).
+
+One metric per module, each a torchmetrics Metric: id_similarity, similarity_decay,
+facial_motion (FM_ref, FM_inter), dynamic_degree (with flow), text_alignment. suite.VideoEvaluator
+runs them all on a video; video_io reads and writes videos; synthetic builds known-answer clips.
+Nothing is imported here: `evaluation.ablation_table` users should not pay for torch and dlib.
+"""

@@ -1,0 +1,52 @@
+"""Dynamic degree, following VBench's vbench/dynamic_degree.py rule for rule.
+
+For a video of T frames at `fps`:
+    interval  = max(1, round(fps / 8))            keep frames 0, interval, 2*interval, ... (n frames)
+    score_j   = mean of the top int(0.05*h*w) flow magnitudes |F_j| between kept frames j and j+1
+    thres     = max(1, 8/fps) * 6 * min(h, w) / 256
+    count_num = round(4 * n / 16)                 n counts kept FRAMES (VBench passes len(frames))
+    dynamic   = (n - 1 >= 1) and #{j : score_j > thres} >= count_num
+round() is Python's half-to-even, as in VBench. h, w: size of the flow grid (VBench: the frame;
+the same at full resolution). When count_num is 0 (n <= 2) VBench calls any video with one pair
+dynamic; kept here. Dynamic degree = fraction of dynamic videos.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from evaluation.flow import FarnebackFlow, FlowEstimator
+from evaluation.video_mean import VideoMean
+
+
+def top5_magnitude(flow: np.ndarray) -> float:
+    """Mean of the largest 5% of per-pixel flow magnitudes (VBench's get_score)."""
+    magnitude = np.hypot(flow[..., 0], flow[..., 1]).ravel()
+    cut = int(magnitude.size * 0.05)
+    return float(np.partition(magnitude, magnitude.size - cut)[-cut:].mean())
+
+
+def pair_scores(video: np.ndarray, fps: float, flow: FlowEstimator) -> tuple[list[float], float, int]:
+    """(score_j per kept pair, thres, count_num) for one uint8 video [T, H, W, 3]."""
+    kept = video[:: max(1, round(fps / 8))]
+    fields = [flow(a, b) for a, b in zip(kept[:-1], kept[1:])]
+    grid = min(fields[0].shape[:2]) if fields else min(video.shape[1:3])
+    thres = max(1.0, 8.0 / fps) * 6.0 * grid / 256.0
+    return [top5_magnitude(f) for f in fields], thres, round(4 * (len(kept) / 16.0))
+
+
+class DynamicDegree(VideoMean):
+    """Fraction of dynamic videos; `update(video, fps)` per video, `is_dynamic` for one video alone."""
+
+    higher_is_better = True
+
+    def __init__(self, flow: FlowEstimator | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.flow = flow if flow is not None else FarnebackFlow()
+
+    def is_dynamic(self, video: np.ndarray, fps: float) -> bool:
+        scores, thres, count_num = pair_scores(video, fps, self.flow)
+        return len(scores) >= 1 and sum(s > thres for s in scores) >= count_num
+
+    def update(self, video: np.ndarray, fps: float) -> None:
+        self._add_video(float(self.is_dynamic(video, fps)))

@@ -1,0 +1,61 @@
+"""Image/video decoding, frame sampling and the resize + center-crop geometry."""
+from pathlib import Path
+
+import cv2
+import decord
+import numpy as np
+from PIL import Image, ImageOps
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """[h, w, 3] uint8 RGB. Raises on missing, corrupt or truncated files."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
+        return np.asarray(im.convert("RGB"))
+
+
+def open_video(path: str | Path) -> decord.VideoReader:
+    # One decoder thread: parallelism comes from the DataLoader workers, and cores are few.
+    return decord.VideoReader(str(path), num_threads=1)
+
+
+def sample_frame_indices(num_frames: int, native_fps: float, frames: int, target_fps: float,
+                         start: float) -> list[int]:
+    """`frames` indices at ~target_fps; `start` in [0, 1) picks where the window begins.
+
+    Clips too short for that (or whose fps is unknown) fall back to a uniform stride over
+    the whole clip, repeating frames when it has fewer than `frames`.
+    """
+    stride = max(1, round(native_fps / target_fps)) if native_fps > 0 else 1
+    span = (frames - 1) * stride + 1
+    if num_frames >= span and native_fps > 0:
+        first = int(start * (num_frames - span + 1))
+        return list(range(first, first + span, stride))
+    return np.linspace(0, num_frames - 1, frames).round().astype(int).tolist()
+
+
+def crop_geometry(h: int, w: int, height: int, width: int) -> tuple[float, int, int]:
+    """Scale and offsets that resize an h x w frame to cover height x width, then center-crop.
+
+    A stored-frame pixel (x, y) lands at (x * scale - left, y * scale - top).
+    """
+    scale = max(height / h, width / w)
+    left = (max(width, round(w * scale)) - width) // 2
+    top = (max(height, round(h * scale)) - height) // 2
+    return scale, left, top
+
+
+def resize_center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[h, w, 3] uint8 -> [height, width, 3] uint8, aspect kept, overflow cropped."""
+    h, w = image.shape[:2]
+    scale, left, top = crop_geometry(h, w, height, width)
+    size = (max(width, round(w * scale)), max(height, round(h * scale)))
+    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return resized[top:top + height, left:left + width]
+
+
+def crop_boxes(boxes: np.ndarray, h: int, w: int, height: int, width: int) -> np.ndarray:
+    """[n, 4] stored-frame pixel boxes -> [n, 4] pixel boxes in the cropped training frame."""
+    scale, left, top = crop_geometry(h, w, height, width)
+    out = boxes * scale - np.array([left, top, left, top], dtype=np.float32)
+    return np.clip(out, 0, [width, height, width, height]).astype(np.float32)

@@ -1,0 +1,27 @@
+"""Face analysis shared by data preparation, training (identity loss, face masks) and metrics."""
+
+from .analysis import (
+    DlibFaceAnalyzer,
+    Face,
+    FaceAnalyzer,
+    InsightFaceAnalyzer,
+    NoFaceError,
+    build_face_analyzer,
+    mean_identity_embedding,
+)
+from .arcface import DifferentiableArcFace, differentiable_embedder
+from .crops import face_crop, face_mask
+
+__all__ = [
+    "DifferentiableArcFace",
+    "DlibFaceAnalyzer",
+    "Face",
+    "FaceAnalyzer",
+    "InsightFaceAnalyzer",
+    "NoFaceError",
+    "build_face_analyzer",
+    "differentiable_embedder",
+    "face_crop",
+    "face_mask",
+    "mean_identity_embedding",
+]

@@ -1,0 +1,154 @@
+"""MagicMirror's cross-modal adapter around one diffusers `CogVideoXBlock` (paper Sec. 3.3).
+
+The block itself (norms, attention projections, feed-forward) is used as is and stays
+frozen. What is hand-written here is only what MagicMirror adds, and the orchestration
+that lets it in:
+
+- CAN: a zero-initialised residual on the block's own modulation,
+  (m_vid, m_txt) = phi(t) + phi_cond([proj(x_id), t, mu1_vid]), for the shift/scale/gate of
+  both sub-blocks and both modalities; mu1_vid is the block's first video shift.
+- m_face: x_face is a third stream of the joint attention with its own adaptive norm
+  phi_face(t) (shift/scale/gate for attention and feed-forward). Each adapted block has
+  its own phi_face, so the layer index l of phi_face(t, l) is carried by the weights.
+- Decoupled cross-attention: the block's text+video queries also attend to the face
+  tokens through new K/V projections: out = SA(x) + CA(W_q x, W'_kv x_face).
+
+Zero initialisation and exact equivalence: every new output projection and modulation
+predictor starts at zero. The face stream *queries* the full [text, video, face]
+sequence, but text and video read the face only through the cross-attention, whose
+output projection is zero at init. (Letting text/video keys include face tokens inside
+the frozen softmax would change the base model's output at init, whatever the zero-init.)
+So a freshly built adapted model computes exactly what the base model computes.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+from torch import nn
+from torch.nn import functional as F
+
+
+def _zero_linear(in_dim: int, out_dim: int) -> nn.Linear:
+    layer = nn.Linear(in_dim, out_dim)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class MagicMirrorBlock(nn.Module):
+    def __init__(
+        self,
+        block: CogVideoXBlock,
+        time_embed_dim: int,
+        use_cross_attention: bool,
+        use_face_modality: bool,
+        use_can: bool,
+        can_hidden_dim: int,
+    ):
+        super().__init__()
+        self.block = block
+        dim = block.norm1.norm.normalized_shape[0]
+        heads = block.attn1.heads
+        self.dim, self.heads = dim, heads
+
+        self.face_kv_norm = self.to_k_face = self.to_v_face = self.norm_k_face = self.to_out_face = None
+        if use_cross_attention:
+            self.face_kv_norm = nn.LayerNorm(dim, eps=1e-6)
+            self.to_k_face = nn.Linear(dim, dim)
+            self.to_v_face = nn.Linear(dim, dim)
+            self.norm_k_face = nn.LayerNorm(dim // heads, eps=1e-6)
+            self.to_out_face = _zero_linear(dim, dim)
+
+        # phi_face(t): shift, scale, gate for the attention and the feed-forward of the face stream.
+        self.face_modulation = nn.Sequential(nn.SiLU(), _zero_linear(time_embed_dim, 6 * dim)) if use_face_modality else None
+
+        # phi_cond([proj(x_id), t, mu1_vid]) -> residual on the 12 modulation vectors of the block.
+        self.can = None
+        if use_can:
+            self.can = nn.Sequential(
+                nn.Linear(2 * time_embed_dim + dim, can_hidden_dim), nn.SiLU(), _zero_linear(can_hidden_dim, 12 * dim)
+            )
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, S, D] -> [B, H, S, D/H]
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).flatten(2)  # [B, H, S, D/H] -> [B, S, D]
+
+    def attention(self, video, text, face_stream, face_tokens, image_rotary_emb):
+        """Joint attention of the block (as diffusers' CogVideoXAttnProcessor2_0 computes it),
+        plus the decoupled face cross-attention and the face stream's own queries."""
+        attn = self.block.attn1
+        text_len = text.shape[1]
+        x = torch.cat([text, video], dim=1)  # [B, L+N, D]
+        q, k, v = self._heads(attn.to_q(x)), self._heads(attn.to_k(x)), self._heads(attn.to_v(x))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if image_rotary_emb is not None:  # RoPE on the video tokens only
+            q = torch.cat([q[:, :, :text_len], apply_rotary_emb(q[:, :, text_len:], image_rotary_emb)], dim=2)
+            k = torch.cat([k[:, :, :text_len], apply_rotary_emb(k[:, :, text_len:], image_rotary_emb)], dim=2)
+        out = attn.to_out[1](attn.to_out[0](self._merge(F.scaled_dot_product_attention(q, k, v))))  # [B, L+N, D]
+
+        if self.to_out_face is not None:
+            face_kv = self.face_kv_norm(face_tokens)
+            k_face = self.norm_k_face(self._heads(self.to_k_face(face_kv)))
+            v_face = self._heads(self.to_v_face(face_kv))
+            out = out + self.to_out_face(self._merge(F.scaled_dot_product_attention(q, k_face, v_face)))
+
+        face_out = None
+        if face_stream is not None:  # m_face: the face stream queries [text, video, face]
+            q_f = attn.norm_q(self._heads(attn.to_q(face_stream)))
+            k_f = attn.norm_k(self._heads(attn.to_k(face_stream)))
+            v_f = self._heads(attn.to_v(face_stream))
+            face_attn = F.scaled_dot_product_attention(q_f, torch.cat([k, k_f], dim=2), torch.cat([v, v_f], dim=2))
+            face_out = attn.to_out[1](attn.to_out[0](self._merge(face_attn)))
+        return out[:, text_len:], out[:, :text_len], face_out
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # video tokens [B, N, D]
+        encoder_hidden_states: torch.Tensor,  # text tokens [B, L, D]
+        face_tokens: torch.Tensor | None,  # face stream [B, Nf, D]
+        temb: torch.Tensor,  # [B, Dt]
+        id_cond: torch.Tensor | None,  # proj(x_id) [B, Dt]
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        block = self.block
+        text_len = encoder_hidden_states.shape[1]
+        # The block's own modulation phi(t) for both sub-blocks: [B, 6D] each.
+        mod_attn = block.norm1.linear(block.norm1.silu(temb))
+        mod_ff = block.norm2.linear(block.norm2.silu(temb))
+        if self.can is not None:
+            mu1_vid = mod_attn[:, : self.dim]  # the block's first video shift: CAN's distribution identifier
+            delta_attn, delta_ff = self.can(torch.cat([id_cond.to(temb.dtype), temb, mu1_vid], dim=-1)).chunk(2, dim=-1)
+            mod_attn, mod_ff = mod_attn + delta_attn, mod_ff + delta_ff
+        shift, scale, gate, enc_shift, enc_scale, enc_gate = mod_attn.unsqueeze(1).chunk(6, dim=-1)  # [B, 1, D] each
+
+        use_stream = self.face_modulation is not None and face_tokens is not None
+        norm = block.norm1.norm
+        norm_video = norm(hidden_states) * (1 + scale) + shift
+        norm_text = norm(encoder_hidden_states) * (1 + enc_scale) + enc_shift
+        norm_face = None
+        if use_stream:
+            f_shift, f_scale, f_gate, f_ff_shift, f_ff_scale, f_ff_gate = self.face_modulation(temb).unsqueeze(1).chunk(6, dim=-1)
+            norm_face = norm(face_tokens) * (1 + f_scale) + f_shift
+
+        attn_video, attn_text, attn_face = self.attention(norm_video, norm_text, norm_face, face_tokens, image_rotary_emb)
+        hidden_states = hidden_states + gate * attn_video
+        encoder_hidden_states = encoder_hidden_states + enc_gate * attn_text
+        if use_stream:
+            face_tokens = face_tokens + f_gate * attn_face
+
+        shift, scale, gate, enc_shift, enc_scale, enc_gate = mod_ff.unsqueeze(1).chunk(6, dim=-1)
+        norm = block.norm2.norm
+        ff_in = [norm(encoder_hidden_states) * (1 + enc_scale) + enc_shift, norm(hidden_states) * (1 + scale) + shift]
+        if use_stream:
+            ff_in.append(norm(face_tokens) * (1 + f_ff_scale) + f_ff_shift)
+        ff_out = block.ff(torch.cat(ff_in, dim=1))  # one feed-forward call over [text, video, face]
+        video_len = hidden_states.shape[1]
+        hidden_states = hidden_states + gate * ff_out[:, text_len : text_len + video_len]
+        encoder_hidden_states = encoder_hidden_states + enc_gate * ff_out[:, :text_len]
+        if use_stream:
+            face_tokens = face_tokens + f_ff_gate * ff_out[:, text_len + video_len :]
+        return hidden_states, encoder_hidden_states, face_tokens

@@ -1,0 +1,194 @@
+"""Builds every model of a profile from local folders; nothing is fetched from a hub.
+
+Both profiles go through `load_components`: the cogvideox-5b profile points at real
+diffusers/transformers folders, the tiny profile at small random-init models that
+`write_random_weights` saved once with `save_pretrained` into the cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, T5Config, T5EncoderModel, T5Tokenizer
+
+from .face_encoder import CLIP_MEAN, CLIP_STD, DualBranchFaceEncoder
+from .magicmirror import MagicMirrorTransformer
+
+ID_EMBED_DIMS = {"dlib": 128, "insightface": 512}
+
+# component -> (files the folder must hold, where the folder comes from)
+WEIGHT_SOURCES = {
+    "transformer": ("config.json + diffusion_pytorch_model*.safetensors", "the transformer/ folder of a diffusers CogVideoX snapshot (e.g. THUDM/CogVideoX-5b)"),
+    "vae": ("config.json + diffusion_pytorch_model*.safetensors", "the vae/ folder of the same CogVideoX snapshot"),
+    "text_encoder": ("config.json + model*.safetensors", "the text_encoder/ folder (T5 v1.1 XXL encoder) of the same snapshot"),
+    "tokenizer": ("tokenizer_config.json + spiece.model or tokenizer.json", "the tokenizer/ folder of the same snapshot"),
+    "scheduler": ("scheduler_config.json", "the scheduler/ folder of the same snapshot"),
+    "image_encoder": ("config.json + model.safetensors + preprocessor_config.json", "a CLIP ViT-L/14 vision model (e.g. openai/clip-vit-large-patch14, or PhotoMaker-V2's image encoder)"),
+}
+CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
+
+
+class MissingWeightsError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: T5EncoderModel
+    vae: AutoencoderKLCogVideoX
+    scheduler: CogVideoXDPMScheduler
+    transformer: MagicMirrorTransformer
+
+
+def check_weight_paths(weights: DictConfig) -> None:
+    """Raises one error naming every missing folder, the files it needs and where they come from."""
+    missing = []
+    for name, (files, origin) in WEIGHT_SOURCES.items():
+        path = Path(weights[name])
+        if not (path / CONFIG_FILES.get(name, "config.json")).is_file():
+            missing.append(f"  weights.{name}: {path}\n    needs {files}\n    from {origin}")
+    if missing:
+        raise MissingWeightsError(
+            "model weights not found (set the paths in the profile or as weights.<name>=PATH):\n" + "\n".join(missing)
+        )
+
+
+def write_random_weights(cfg: DictConfig) -> None:
+    """Tiny profile: save small random-init models (fixed seed) where the weights are expected.
+
+    Written into a temporary folder and renamed, under a file lock, so that concurrent
+    processes (DDP ranks, parallel tests) never see half-written weights.
+    """
+    weights, arch = cfg.weights, cfg.architecture
+    targets = {name: Path(weights[name]) for name in WEIGHT_SOURCES}
+    lock_path = Path(weights.transformer).parent / ".write.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            check_weight_paths(weights)
+            return
+        except MissingWeightsError:
+            pass
+        torch.manual_seed(0)
+        tokenizer = _tiny_tokenizer()
+        t5_config = T5Config(**_plain(arch.text_encoder))
+        assert len(tokenizer) <= t5_config.vocab_size, "architecture.text_encoder.vocab_size is smaller than the tokenizer"
+        models = {
+            "transformer": CogVideoXTransformer3DModel.from_config(_plain(arch.transformer)),
+            "vae": AutoencoderKLCogVideoX.from_config(_plain(arch.vae)),
+            "text_encoder": T5EncoderModel(t5_config),
+            "tokenizer": tokenizer,
+            "scheduler": CogVideoXDPMScheduler.from_config(_plain(arch.scheduler)),
+            "image_encoder": CLIPVisionModel(CLIPVisionConfig(**_plain(arch.image_encoder))),
+        }
+        for name, model in models.items():
+            tmp = targets[name].with_name(targets[name].name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            if name == "image_encoder":
+                size = arch.image_encoder.image_size
+                CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tmp)
+            shutil.rmtree(targets[name], ignore_errors=True)
+            tmp.rename(targets[name])
+
+
+def _tiny_tokenizer() -> T5Tokenizer:
+    """A T5 (Unigram) tokenizer over a small word list plus single letters, so any prompt tokenizes."""
+    words = (
+        "a an the of in on at with and is are his her their while to from by for "
+        "man woman boy girl person baby child lady guy elderly old young astronaut portrait photo "
+        "smiling walking talking looking running dancing reading laughing turning sitting standing "
+        "park street beach city room garden office stage studio forest sunny night light camera "
+        # the demo dataset's and demo eval set's captions
+        "book cozy library close-up soft drinking coffee busy cafe wearing scarf snow out train window "
+        "bright along sunset friends picnic around crowded market nodding during video call home"
+    ).split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -5.0) for w in words]
+    vocab += [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,'-"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def load_components(cfg: DictConfig, torch_dtype: torch.dtype = torch.float32) -> Components:
+    """Tokenizer, T5, VAE, scheduler and the adapted transformer (backbone + CLIP) from cfg.weights."""
+    if cfg.weights.create_random:
+        write_random_weights(cfg)
+    check_weight_paths(cfg.weights)
+    w = cfg.weights
+    local = {"local_files_only": True}
+    base = CogVideoXTransformer3DModel.from_pretrained(w.transformer, torch_dtype=torch_dtype, **local)
+    clip = CLIPVisionModel.from_pretrained(w.image_encoder, torch_dtype=torch_dtype, **local)
+    mean, std = _clip_normalisation(Path(w.image_encoder))
+    return Components(
+        tokenizer=AutoTokenizer.from_pretrained(w.tokenizer, **local),
+        text_encoder=T5EncoderModel.from_pretrained(w.text_encoder, torch_dtype=torch_dtype, **local).requires_grad_(False),
+        vae=AutoencoderKLCogVideoX.from_pretrained(w.vae, torch_dtype=torch_dtype, **local).requires_grad_(False),
+        scheduler=CogVideoXDPMScheduler.from_pretrained(w.scheduler, **local),
+        transformer=build_magicmirror(cfg, base, clip, mean, std),
+    )
+
+
+def _clip_normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    config_file = folder / "preprocessor_config.json"
+    if not config_file.is_file():
+        return CLIP_MEAN, CLIP_STD
+    config = json.loads(config_file.read_text())
+    return tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD))
+
+
+def build_magicmirror(cfg: DictConfig, base: CogVideoXTransformer3DModel, clip: CLIPVisionModel,
+                      clip_mean=CLIP_MEAN, clip_std=CLIP_STD) -> MagicMirrorTransformer:
+    """Wraps a loaded (or freshly built) backbone and CLIP with the variant's MagicMirror modules."""
+    m = cfg.model
+    inner_dim = base.config.num_attention_heads * base.config.attention_head_dim
+    encoder = DualBranchFaceEncoder(
+        clip,
+        branches=list(m.branches),
+        id_embed_dim=ID_EMBED_DIMS[cfg.faces.backend],
+        text_dim=base.config.text_embed_dim,
+        inner_dim=inner_dim,
+        num_id_tokens=m.num_id_tokens,
+        num_face_tokens=m.num_face_tokens,
+        perceiver_dim=m.perceiver_dim,
+        perceiver_depth=m.perceiver_depth,
+        perceiver_heads=m.perceiver_heads,
+        freeze_id_perceiver=m.freeze_id_perceiver,
+        clip_mean=clip_mean,
+        clip_std=clip_std,
+    )
+    return MagicMirrorTransformer(base, encoder, list(m.branches), m.face_modality, m.can, m.can_hidden_dim)
+
+
+def build_from_architecture(cfg: DictConfig, device: str | torch.device = "meta") -> dict[str, torch.nn.Module]:
+    """Every model of the profile from cfg.architecture, without weights.
+
+    On the meta device this costs no memory (describe), on a GPU it gives random-init
+    models of the real size (bench)."""
+    arch = cfg.architecture
+    with torch.device(device):
+        base = CogVideoXTransformer3DModel.from_config(_plain(arch.transformer))
+        clip = CLIPVisionModel(CLIPVisionConfig(**_plain(arch.image_encoder)))
+        models = {
+            "transformer": build_magicmirror(cfg, base, clip),
+            "text_encoder": T5EncoderModel(T5Config(**_plain(arch.text_encoder))),
+            "vae": AutoencoderKLCogVideoX.from_config(_plain(arch.vae)),
+        }
+    return models
+
+
+def sampling_scheduler(name: str, scheduler_config) -> CogVideoXDPMScheduler | CogVideoXDDIMScheduler:
+    cls = {"dpm": CogVideoXDPMScheduler, "ddim": CogVideoXDDIMScheduler}[name]
+    return cls.from_config(scheduler_config)

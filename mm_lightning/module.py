@@ -1,0 +1,222 @@
+"""MagicMirrorModule: the LightningModule that trains one curriculum stage.
+
+It holds the full model (T5, VAE, scheduler and the adapted transformer with its face
+encoder) and trains only the MagicMirror modules. The loss follows diffusers' CogVideoX
+training recipe: v-prediction turned into an x0 estimate with `get_velocity`, compared
+with the clean latents and weighted by 1 / (1 - alphas_cumprod[t]). On top of it come the
+face-region loss and the optional ArcFace identity loss.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn import functional as F
+
+from .config import config_from_checkpoint, load_config
+from .faces import differentiable_embedder
+from .models.loading import Components, load_components
+from .pipeline import build_pipeline
+from .text import identity_token_mask
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class MagicMirrorModule(L.LightningModule):
+    def __init__(self, cfg: DictConfig, stage: str):
+        super().__init__()
+        self.cfg = cfg
+        self.stage = stage
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        components = load_components(cfg)
+        self.transformer = components.transformer
+        self.text_encoder = components.text_encoder
+        self.vae = components.vae
+        self.tokenizer = components.tokenizer
+        self.scheduler = components.scheduler
+        # diffusers' pipeline, used for its prompt encoding and rotary embeddings (and sampling).
+        self.pipe = build_pipeline(components)
+        self.arcface = None
+        if cfg.loss.identity_weight > 0:
+            self.arcface = differentiable_embedder(cfg.faces.backend, cfg.faces.insightface_root, cfg.faces.insightface_model)
+        self.transformer.gradient_checkpointing = cfg.trainer.gradient_checkpointing
+        if cfg.trainer.compile_blocks:
+            for block in self.transformer.base.transformer_blocks:
+                block.compile()
+
+    @classmethod
+    def from_checkpoint(cls, path: str, overrides: list[str] = (), experiment: str | None = None,
+                        profile: str = "tiny") -> MagicMirrorModule:
+        """A trained model for inference: the config stored in the checkpoint (or the named
+        experiment's), the frozen weights from their local folders, the trained weights from the file."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path} (fit writes <run>/checkpoints/<stage>/final.ckpt)")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = load_config(experiment, profile, overrides) if experiment else config_from_checkpoint(checkpoint, overrides)
+        module = cls(cfg, stage=checkpoint.get("mm_stage", cfg.curriculum.order[-1]))
+        module.load_trainable(checkpoint["state_dict"])
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" and cfg.trainer.precision.startswith("bf16") else torch.float32
+        return module.to(device=device, dtype=dtype).eval()
+
+    @property
+    def stage_cfg(self) -> DictConfig:
+        return self.cfg.curriculum.stages[self.stage]
+
+    def set_stage(self, stage: str) -> None:
+        """The curriculum hands the same weights on to the next stage."""
+        self.stage = stage
+
+    def sampling_pipeline(self):
+        """diffusers' CogVideoXPipeline over this module's models, with the sampling scheduler."""
+        return build_pipeline(
+            Components(self.tokenizer, self.text_encoder, self.vae, self.scheduler, self.transformer),
+            self.cfg.sampling.scheduler,
+        )
+
+    # ---------------------------------------------------------------- inputs
+    @torch.no_grad()
+    def encode_batch(self, batch: dict) -> dict:
+        """Latents, prompt embeddings and identity mask; from the caches when the batch has them."""
+        max_len = self.transformer.config.max_text_seq_length
+        if "latents" in batch:
+            latents = batch["latents"]  # [B, F', C, h, w], already scaled
+        else:
+            video = batch["pixels"].to(self.vae.dtype).permute(0, 2, 1, 3, 4)  # [B, 3, F, H, W]
+            latents = self.vae.encode(video).latent_dist.sample() * self.vae.config.scaling_factor
+            latents = latents.permute(0, 2, 1, 3, 4)  # [B, F', C, h, w]
+        if "prompt_embeds" in batch:
+            prompt_embeds = batch["prompt_embeds"]
+        else:
+            prompt_embeds, _ = self.pipe.encode_prompt(
+                batch["caption"], do_classifier_free_guidance=False, max_sequence_length=max_len, device=self.device
+            )
+        mask = identity_token_mask(
+            self.tokenizer, batch["caption"], self.cfg.model.identity_words, self.cfg.model.trigger_word, max_len
+        )
+        return {"latents": latents.float(), "prompt_embeds": prompt_embeds, "identity_mask": mask.to(self.device)}
+
+    def rotary(self, latents: torch.Tensor):
+        if not self.transformer.config.use_rotary_positional_embeddings:
+            return None
+        scale = self.pipe.vae_scale_factor_spatial
+        height, width = latents.shape[-2] * scale, latents.shape[-1] * scale
+        return self.pipe._prepare_rotary_positional_embeddings(height, width, latents.shape[1], self.device)
+
+    # ---------------------------------------------------------------- loss
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        enc = self.encode_batch(batch)
+        latents = enc["latents"]
+        batch_size = latents.shape[0]
+        face = self.transformer.encode_face(batch["ref_pixels"], batch["id_embedding"], enc["identity_mask"])
+
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        num_t = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_t, (batch_size,), generator=generator, device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        model_output = self.transformer(
+            noisy, enc["prompt_embeds"], timesteps, image_rotary_emb=self.rotary(latents), face=face
+        )[0]
+        x0_pred = self.scheduler.get_velocity(model_output, noisy, timesteps)  # v-prediction -> x0 estimate
+
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(latents.device)[timesteps]
+        weights = (1 / (1 - alphas_cumprod)).view(batch_size, 1, 1, 1, 1)
+        error = weights * (x0_pred.float() - latents) ** 2  # [B, F', C, h, w]
+
+        # Face-region loss: for a share of the samples only the (latent-size) face mask counts.
+        face_mask = F.adaptive_max_pool3d(batch["face_mask"].transpose(1, 2).float(), latents.shape[1:2] + latents.shape[-2:])
+        face_mask = face_mask.transpose(1, 2)  # [B, F', 1, h, w]
+        use_face = torch.rand(batch_size, generator=generator, device=latents.device) < self.cfg.loss.face_region_fraction
+        full_loss = error.flatten(1).mean(1)
+        masked = (error * face_mask).flatten(1).sum(1) / (face_mask.expand_as(error).flatten(1).sum(1)).clamp(min=1)
+        diffusion = torch.where(use_face, masked, full_loss).mean()
+        losses = {"diffusion": diffusion, "face_region_share": use_face.float().mean()}
+        loss = diffusion
+        if self.arcface is not None:
+            losses["identity"] = self.identity_loss(x0_pred, batch)
+            loss = loss + self.cfg.loss.identity_weight * losses["identity"]
+        losses["loss"] = loss
+        return losses
+
+    def identity_loss(self, x0_pred: torch.Tensor, batch: dict) -> torch.Tensor:
+        """1 - cos(ArcFace(reference), ArcFace(decode(x0_hat))) on the first `identity_frames` latent frames.
+
+        Only those latent frames are decoded: decoding is the costly part. Latent frame k of
+        CogVideoX's causal VAE maps to video frame 4k (frame 0 for k=0)."""
+        n = min(self.cfg.loss.identity_frames, x0_pred.shape[1])
+        latents = x0_pred[:, :n].permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor  # [B, C, n, h, w]
+        frames = self.vae.decode(latents.to(self.vae.dtype)).sample  # [B, 3, T, H, W] in [-1, 1]
+        step = self.pipe.vae_scale_factor_temporal
+        picks = [min(k * step, frames.shape[2] - 1) for k in range(n)]
+        sims = []
+        for k, t in enumerate(picks):
+            crops = crop_boxes(frames[:, :, t].float(), batch["face_boxes"][:, min(4 * k, batch["face_boxes"].shape[1] - 1)], 112)
+            sims.append(F.cosine_similarity(self.arcface(crops), batch["id_embedding"].float(), dim=-1))
+        return (1 - torch.stack(sims)).mean()
+
+    def training_step(self, batch: dict | None, batch_idx: int):
+        if batch is None:  # every sample of this batch failed to load; they were counted
+            return None
+        losses = self.compute_loss(batch)
+        if not torch.isfinite(losses["loss"]):
+            raise NonFiniteLossError(
+                f"non-finite loss in stage {self.stage!r} at step {self.global_step}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                + ". The weights were not updated; the last checkpoint is kept. Lower the learning rate "
+                "(curriculum.stages.<stage>.lr) or use 32-true precision, then `fit ... --resume`."
+            )
+        self.log_dict({f"train/{self.stage}/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["caption"]))
+        self.log("loss", losses["loss"], prog_bar=True, logger=False, batch_size=len(batch["caption"]))
+        self.log(f"train/{self.stage}/lr", self.optimizers().param_groups[0]["lr"])
+        return losses["loss"]
+
+    # ---------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        stage, optim = self.stage_cfg, self.cfg.optim
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        total, warmup = max(stage.max_steps, 1), optim.warmup_steps
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            if optim.lr_schedule == "constant":
+                return 1.0
+            decay = 1 - progress if optim.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+            return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * decay
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {f"transformer.{k}": v for k, v in self.transformer.trainable_state_dict().items()}
+        checkpoint["mm_stage"] = self.stage
+        checkpoint["mm_config"] = OmegaConf.to_container(self.cfg, resolve=True)  # generate/evaluate rebuild from it
+
+    def load_trainable(self, state_dict: dict) -> None:
+        prefix = "transformer."
+        weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        missing = set(self.transformer.trainable_state_dict()) - set(weights)
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        self.transformer.load_state_dict(weights, strict=False)
+
+
+def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Differentiable square-ish crops: images [B, 3, H, W], boxes [B, 4] normalised x1,y1,x2,y2 -> [B, 3, size, size]."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    theta = torch.zeros(images.shape[0], 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = x2 - x1
+    theta[:, 1, 1] = y2 - y1
+    theta[:, 0, 2] = x1 + x2 - 1
+    theta[:, 1, 2] = y1 + y2 - 1
+    grid = F.affine_grid(theta, [images.shape[0], 3, size, size], align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
