@@ -29,10 +29,13 @@ def top5_magnitude(flow: np.ndarray) -> float:
 def pair_scores(video: np.ndarray, fps: float, flow: FlowEstimator) -> tuple[list[float], float, int]:
     """(score_j per kept pair, thres, count_num) for one uint8 video [T, H, W, 3]."""
     kept = video[:: max(1, round(fps / 8))]
-    fields = [flow(a, b) for a, b in zip(kept[:-1], kept[1:])]
-    grid = min(fields[0].shape[:2]) if fields else min(video.shape[1:3])
+    scores, grid = [], min(video.shape[1:3])  # grid: the flow's size once there is one
+    for a, b in zip(kept[:-1], kept[1:]):
+        field = flow(a, b)  # one field at a time: 48 full-size fields would hold ~130 MB
+        grid = min(field.shape[:2])
+        scores.append(top5_magnitude(field))
     thres = max(1.0, 8.0 / fps) * 6.0 * grid / 256.0
-    return [top5_magnitude(f) for f in fields], thres, round(4 * (len(kept) / 16.0))
+    return scores, thres, round(4 * (len(kept) / 16.0))
 
 
 class DynamicDegree(VideoMean):

@@ -78,7 +78,8 @@ class VideoEvaluator:
     def prepare_reference(self, images: Sequence[np.ndarray]) -> Reference:
         """Raises mm_lightning.faces.NoFaceError when a reference image has no face: the caller decides."""
         faces = [self.analyzer.require_face(img, f"reference image {i}") for i, img in enumerate(images)]
-        return Reference(mean_identity_embedding(faces), [(f.landmarks, img.shape[:2]) for f, img in zip(faces, images)])
+        sizes = [img.shape[:2] for img in images]
+        return Reference(mean_identity_embedding(faces), [(f.landmarks, size) for f, size in zip(faces, sizes)])
 
     def score_video(self, frames: np.ndarray, fps: float, reference_images: Sequence[np.ndarray] | Reference,
                     prompt: str | None = None) -> dict:

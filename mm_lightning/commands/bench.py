@@ -133,8 +133,8 @@ def run(args) -> int:
     rotary = get_3d_rotary_pos_embed(tconf["attention_head_dim"], crops, (h // p, w // p), frames, device=device)
 
     def build_base():
-        base = CogVideoXTransformer3DModel.from_config(tconf).to(device, dtype)
-        return base.requires_grad_(False)
+        with torch.device(device):  # random init straight on the GPU
+            return CogVideoXTransformer3DModel.from_config(tconf).to(dtype).requires_grad_(False)
 
     results = {}
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
@@ -162,8 +162,10 @@ def run(args) -> int:
         torch.cuda.empty_cache()
 
         # --- adapted model: same backbone architecture + MagicMirror
-        clip = CLIPVisionModel(CLIPVisionConfig(**_plain(arch.image_encoder))).to(device, dtype)
-        model = build_magicmirror(cfg, build_base(), clip).to(device, dtype)
+        with torch.device(device):
+            clip = CLIPVisionModel(CLIPVisionConfig(**_plain(arch.image_encoder))).to(dtype)
+        with torch.device(device):
+            model = build_magicmirror(cfg, build_base(), clip).to(dtype)
         model.gradient_checkpointing = cfg.trainer.gradient_checkpointing
         if args.compile:
             for block in model.base.transformer_blocks:

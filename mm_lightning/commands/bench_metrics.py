@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--fps", type=float, default=8.0)
     parser.add_argument("--frames-sampled", type=int, help="face-metric frames (default 16)")
-    parser.add_argument("--flow-max-side", type=int, help="downscale for flow; 0: full size (default: EvaluatorConfig's)")
+    parser.add_argument("--flow-max-side", type=int,
+                        help="shrink frames to this longest side for flow (default 360); 0: full size")
     parser.add_argument("--face-backend", choices=["dlib", "insightface"], help="default: dlib")
     parser.add_argument("--insightface-root")
 

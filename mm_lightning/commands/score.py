@@ -43,13 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/score"), help="folder for per_video.jsonl and the table")
     parser.add_argument("--format", choices=["md", "csv", "latex"], default="md")
     parser.add_argument("--mlflow-experiment", help="log params, metrics, table and per_video.jsonl as one run")
-    parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+    parser.add_argument("--tracking-uri",
+                        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
     parser.add_argument("--face-backend", choices=["dlib", "insightface"], help="default: dlib")
     parser.add_argument("--insightface-root", help="folder holding models/<insightface-model>/*.onnx")
     parser.add_argument("--insightface-model", help="default: antelopev2")
     parser.add_argument("--clip-path", help="local CLIP folder for text alignment; without it the metric is left out")
     parser.add_argument("--flow", choices=["farneback"], help="optical flow for dynamic degree (default: farneback)")
-    parser.add_argument("--flow-max-side", type=int, help="downscale frames for flow to this longest side; 0: full size")
+    parser.add_argument("--flow-max-side", type=int,
+                        help="shrink frames to this longest side for flow (default 360); 0: full size")
     parser.add_argument("--frames-sampled", type=int, help="frames per video for face metrics and CLIP (default 16)")
     parser.add_argument("--no-face-similarity", help="ID similarity of a frame without a face: a number, or 'skip'")
 
@@ -163,7 +165,8 @@ def log_to_mlflow(args, config, evaluator, columns, table_rows, files: list[Path
     for r in table_rows:
         name = "".join(c if c.isalnum() or c in "_-. " else "_" for c in r.method)
         metrics += [Metric(f"{name}/{m}", r.cells[m].mean, now, 0) for m in columns if r.cells[m].n]
-        metrics += [Metric(f"{name}/errors", r.errors, now, 0), Metric(f"{name}/no_face_frames", r.no_face_frames, now, 0)]
+        metrics += [Metric(f"{name}/errors", r.errors, now, 0),
+                    Metric(f"{name}/no_face_frames", r.no_face_frames, now, 0)]
     client.log_batch(run.info.run_id, metrics=metrics, params=params)
     for path in files:
         client.log_artifact(run.info.run_id, str(path))
