@@ -67,7 +67,8 @@ def evaluate_model(module, cfg: DictConfig, prefix: str, client: MlflowClient, r
                 per_video.append({"video": name, "prompt": item.prompt, "error": str(err)})
                 continue
             frames = sample_video(pipe, cfg, item.prompt, ref_pixels, id_embedding, seed=cfg.seed + index)
-            scores = evaluator.score_video(frames, cfg.sampling.fps, images, item.prompt)
+            reference = evaluator.prepare_reference(images, [str(p) for p in item.references])
+            scores = evaluator.score_video(frames, cfg.sampling.fps, reference, item.prompt)
             write_video(out / "videos" / f"{name}.mp4", frames, cfg.sampling.fps)
             contact_sheet(out / "contact_sheets" / f"{name}.png", images[0], frames, item.prompt)
             similarity_plot(out / "id_similarity" / f"{name}.png", scores["per_frame_similarity"], item.prompt)

@@ -35,9 +35,9 @@ class EvaluatorConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping, **overrides) -> EvaluatorConfig:
-        """From any mapping holding some of these fields (e.g. the experiment's `eval` section); others are ignored."""
+        """From a mapping holding some of these fields (e.g. the experiment's `eval` section), extra keys ignored."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: values[k] for k in known if k in values}, **overrides)
+        return cls(**{**{k: values[k] for k in known if k in values}, **overrides})
 
 
 @dataclass
@@ -75,9 +75,10 @@ class VideoEvaluator:
         self.metrics.to(device)
         return self
 
-    def prepare_reference(self, images: Sequence[np.ndarray]) -> Reference:
-        """Raises mm_lightning.faces.NoFaceError when a reference image has no face: the caller decides."""
-        faces = [self.analyzer.require_face(img, f"reference image {i}") for i, img in enumerate(images)]
+    def prepare_reference(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> Reference:
+        """Raises mm_lightning.faces.NoFaceError, naming the image, when a reference has no face: the caller decides."""
+        names = names or [f"reference image {i}" for i in range(len(images))]
+        faces = [self.analyzer.require_face(img, name) for img, name in zip(images, names)]
         sizes = [img.shape[:2] for img in images]
         return Reference(mean_identity_embedding(faces), [(f.landmarks, size) for f, size in zip(faces, sizes)])
 

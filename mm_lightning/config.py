@@ -156,6 +156,8 @@ class EvalConfig:
     max_videos: int = 0  # 0: all identity x prompt pairs
     frames_sampled: int = 16  # frames per video for the face metrics
     flow: str = "farneback"
+    flow_max_side: int | None = 360  # flow on frames downscaled to this longest side (VBench-equivalent, see evaluation/flow.py); None: full size
+    fm_reduction: str = "sum"  # FM distance over the 5 landmarks: sum | mean
     clip_path: str | None = None  # local CLIP for text alignment; None: metric left out
     no_face_similarity: float | None = 0.0
 

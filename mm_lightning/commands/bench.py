@@ -7,11 +7,18 @@ architecture (no weights needed):
   - one inference denoising step with classifier-free guidance (batch doubled, no grad).
 It prints the median step time after warm-up, peak memory, achieved TFLOP/s and MFU against
 a bf16 matmul peak measured in the same run, and the adapted/bare ratios; results go to
-benchmarks/<profile>_<stage>[_compiled].{json,md}.
+<out-dir>/<profile>_<stage>_b<batch>[_compiled].{json,md}.
 
-FLOPs are counted by torch.utils.flop_counter on one real step, so they include what the
-step really runs: the recomputed forward under gradient checkpointing, and only the
-input-gradient matmuls of frozen layers.
+FLOPs are counted by torch.utils.flop_counter on one real eager step of each model, before
+any torch.compile (the counter sees aten ops; compiled kernels would hide them), so they
+include what the step really runs: the recomputed forward under gradient checkpointing,
+and only the input-gradient matmuls of frozen layers. The counting step runs attention on
+the flash/memory-efficient SDPA kernels, whose FLOP formulas every torch version knows;
+the FLOPs do not depend on the attention kernel. The bare model's count is checked
+against the analytic count (`analytic_bare_flops`) and both are reported.
+
+--kernels N adds, for each model, the N costliest GPU kernels of one training step and one
+inference step (torch.profiler), to see where an adapted/bare gap comes from.
 """
 
 from __future__ import annotations
@@ -31,66 +38,160 @@ def add_arguments(parser):
     parser.add_argument("--stage", choices=["video", "image"], default="video",
                         help="video: stage-2 shapes at batch 1; image: stage-1 shapes (1 frame) at batch 8")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 1 (video), 8 (image)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block (static shapes)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--kernels", type=int, default=0, metavar="N",
+                        help="also profile one step of each model and report its N costliest GPU kernels")
+    parser.add_argument("--device", default="cuda", help="cuda (default); cpu only smoke-tests the code (tiny profile)")
     parser.add_argument("--out-dir", default="benchmarks")
 
 
-def _timed(fn, steps: int, warmup: int) -> float:
+def _sync(device) -> None:
     import torch
 
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, steps: int, warmup: int, device) -> float:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _sync(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def matmul_peak_tflops() -> float:
+def matmul_peak_tflops(device) -> float:
     import torch
 
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    seconds = _timed(lambda: a @ b, steps=20, warmup=5)
-    return 2 * 8192**3 / seconds / 1e12
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = _timed(lambda: a @ b, steps=20, warmup=5, device=device)
+    return 2 * n**3 / seconds / 1e12
+
+
+def analytic_bare_flops(tconf: dict, batch: int, frames: int, height: int, width: int, checkpointing: bool) -> dict:
+    """Matmul FLOPs of the bare backbone's blocks (embeddings and output layers left out).
+
+    Per layer and sample, the forward costs 24*D^2*S in the projections and the feed-forward,
+    and 4*S^2*D in attention (S = text + video tokens). A training step with frozen weights
+    runs the linear part 3 times (forward, recomputed forward, input gradient) and the
+    attention 4 times (forward, recomputed forward, and a backward of twice the forward),
+    one recompute less without checkpointing. Inference with CFG is one forward at 2x batch.
+    """
+    p = tconf["patch_size"]
+    dim = tconf["num_attention_heads"] * tconf["attention_head_dim"]
+    seq = tconf["max_text_seq_length"] + frames * (height // p) * (width // p)
+    linear = tconf["num_layers"] * 24 * dim**2 * seq
+    attention = tconf["num_layers"] * 4 * seq**2 * dim
+    passes = 3 if checkpointing else 2
+    return {"train": batch * (passes * linear + (passes + 1) * attention), "infer_cfg": 2 * batch * (linear + attention)}
 
 
 def _count_flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+    """Matmul and attention FLOPs of one call of fn, from torch.utils.flop_counter's formulas.
 
-    with FlopCounterMode(display=False) as counter:
+    A bare dispatch mode over those formulas: FlopCounterMode's module tracker fails on
+    views of trainable parameters taken under no_grad (the face queries at inference)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class FlopCount(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func.overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        with FlopCount() as counter:
+            fn()
+    return counter.total
+
+
+def _top_kernels(fn, n: int, device) -> list[dict]:
+    """The n GPU kernels with the most total time over one call of fn (after one warm call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
         fn()
-    return counter.get_total_flops()
+        _sync(device)
+    rows = []
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None)
+        if total is None:
+            total = getattr(event, "cuda_time_total", 0)
+        if device.type != "cuda":
+            total = event.self_cpu_time_total
+        if total > 0:
+            rows.append({"kernel": event.key, "ms": total / 1e3, "calls": event.count})
+    rows.sort(key=lambda r: -r["ms"])
+    all_ms = sum(r["ms"] for r in rows)
+    for r in rows:
+        r["share"] = r["ms"] / all_ms
+    return [{"total_ms": all_ms}] + rows[:n]
 
 
-def _measure(name: str, train_step, infer_step, steps: int, warmup: int, peak: float) -> dict:
+def _print_kernels(title: str, rows: list[dict]) -> None:
+    print(f"  {title}: {rows[0]['total_ms']:.1f} ms of GPU kernels; costliest:")
+    for r in rows[1:]:
+        print(f"    {r['ms']:9.2f} ms {r['share']:6.1%} {r['calls']:5d}x  {r['kernel'][:110]}")
+
+
+def _measure(name: str, train_step, infer_step, flops: dict, args, peak: float, device) -> dict:
     import torch
 
-    torch.cuda.reset_peak_memory_stats()
-    train_s = _timed(train_step, steps, warmup)
-    train_mem = torch.cuda.max_memory_allocated() / 2**30
-    infer_s = _timed(infer_step, steps, warmup)
-    train_flops, infer_flops = _count_flops(train_step), _count_flops(infer_step)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    compile_start = time.perf_counter()
+    train_step()  # first call (compiles when --compile); kept out of the timed warm-up
+    _sync(device)
+    first_train = time.perf_counter() - compile_start
+    train_s = _timed(train_step, args.steps, args.warmup, device)
+    train_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    compile_start = time.perf_counter()
+    infer_step()
+    _sync(device)
+    first_infer = time.perf_counter() - compile_start
+    infer_s = _timed(infer_step, args.steps, args.warmup, device)
     row = {
         "model": name,
         "train_step_s": train_s,
         "train_peak_gib": train_mem,
-        "train_tflops": train_flops / train_s / 1e12,
-        "train_mfu": train_flops / train_s / 1e12 / peak,
+        "train_tflops": flops["train"] / train_s / 1e12,
+        "train_mfu": flops["train"] / train_s / 1e12 / peak,
         "infer_cfg_step_s": infer_s,
-        "infer_tflops": infer_flops / infer_s / 1e12,
-        "infer_mfu": infer_flops / infer_s / 1e12 / peak,
-        "train_flops": train_flops,
-        "infer_flops": infer_flops,
+        "infer_tflops": flops["infer_cfg"] / infer_s / 1e12,
+        "infer_mfu": flops["infer_cfg"] / infer_s / 1e12 / peak,
+        "train_flops": flops["train"],
+        "infer_flops": flops["infer_cfg"],
+        "first_train_step_s": first_train,  # includes compilation under --compile
+        "first_infer_step_s": first_infer,
     }
     print(f"{name:>8}: train {train_s:.3f} s/step ({row['train_tflops']:.0f} TFLOP/s, MFU {row['train_mfu']:.1%}), "
-          f"peak {train_mem:.1f} GiB; inference+CFG {infer_s:.3f} s/step (MFU {row['infer_mfu']:.1%})", flush=True)
+          f"peak {train_mem:.1f} GiB; inference+CFG {infer_s:.3f} s/step (MFU {row['infer_mfu']:.1%}); "
+          f"first steps {first_train:.1f} s / {first_infer:.1f} s", flush=True)
+    if args.kernels:
+        row["kernels_train"] = _top_kernels(train_step, args.kernels, device)
+        _print_kernels(f"{name} training step", row["kernels_train"])
+        row["kernels_infer_cfg"] = _top_kernels(infer_step, args.kernels, device)
+        _print_kernels(f"{name} inference step with CFG", row["kernels_infer_cfg"])
     return row
 
 
@@ -98,12 +199,15 @@ def run(args) -> int:
     import diffusers
     import torch
     from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from ..models.loading import _plain, build_magicmirror
 
-    if not torch.cuda.is_available():
+    device, dtype = torch.device(args.device), torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("error: bench needs a CUDA GPU")
         return 2
     cfg = config_from_args(args)
@@ -113,10 +217,11 @@ def run(args) -> int:
     tconf = _plain(arch.transformer)
     frames = 1 if args.stage == "image" else (stage.frames - 1) // tconf["temporal_compression_ratio"] + 1
     h, w = stage.height // 8, stage.width // 8
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    checkpointing = bool(cfg.trainer.gradient_checkpointing)
     torch.manual_seed(0)
-    peak = matmul_peak_tflops()
-    print(f"{torch.cuda.get_device_name()}: bf16 matmul peak {peak:.0f} TFLOP/s; latents [{batch}, {frames}, "
+    peak = matmul_peak_tflops(device)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"{device_name}: bf16 matmul peak {peak:.0f} TFLOP/s; latents [{batch}, {frames}, "
           f"{tconf['in_channels']}, {h}, {w}] + {tconf['max_text_seq_length']} text tokens", flush=True)
 
     def inputs(b):
@@ -124,9 +229,6 @@ def run(args) -> int:
         text = torch.randn(b, tconf["max_text_seq_length"], tconf["text_embed_dim"], device=device, dtype=dtype)
         t = torch.randint(0, 1000, (b,), device=device)
         return latents, text, t
-
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
     p = tconf["patch_size"]
     crops = get_resize_crop_region_for_grid((h // p, w // p), tconf["sample_width"] // p, tconf["sample_height"] // p)
@@ -136,71 +238,89 @@ def run(args) -> int:
         with torch.device(device):  # random init straight on the GPU
             return CogVideoXTransformer3DModel.from_config(tconf).to(dtype).requires_grad_(False)
 
+    def compile_blocks(blocks):
+        # One compiled graph serves all blocks of a class (their weights are graph inputs);
+        # static shapes: the training (batch B) and CFG (batch 2B) calls get one graph each.
+        for block in blocks:
+            block.compile(dynamic=False)
+
+    lat, text, t = inputs(batch)
+    lat2, text2, t2 = inputs(2 * batch)
+    analytic = analytic_bare_flops(tconf, batch, frames, h, w, checkpointing)
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    if device.type != "cuda":
+        backends.append(SDPBackend.MATH)
     results = {}
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-        # --- bare frozen backbone
-        base = build_base()
-        if cfg.trainer.gradient_checkpointing:
-            base.enable_gradient_checkpointing()
-        if args.compile:
-            for block in base.transformer_blocks:
-                block.compile()
-        lat, text, t = inputs(batch)
+    # --- bare frozen backbone
+    base = build_base()
+    if checkpointing:
+        base.enable_gradient_checkpointing()
 
-        def bare_train():
-            x = lat.clone().requires_grad_(True)  # frozen weights: backward runs the input gradients only
-            base(x, text, t, image_rotary_emb=rotary, return_dict=False)[0].float().pow(2).mean().backward()
+    def bare_train():
+        x = lat.clone().requires_grad_(True)  # frozen weights: backward runs the input gradients only
+        base(x, text, t, image_rotary_emb=rotary, return_dict=False)[0].float().pow(2).mean().backward()
 
-        lat2, text2, t2 = inputs(2 * batch)
+    @torch.no_grad()
+    def bare_infer():
+        base(lat2, text2, t2, image_rotary_emb=rotary, return_dict=False)
 
-        @torch.no_grad()
-        def bare_infer():
-            base(lat2, text2, t2, image_rotary_emb=rotary, return_dict=False)
-
-        results["bare"] = _measure("bare", bare_train, bare_infer, args.steps, args.warmup, peak)
-        del base
+    flops = {"train": _count_flops(bare_train), "infer_cfg": _count_flops(bare_infer)}
+    print(f"bare FLOPs counted / analytic: training step {flops['train']:.3e} / {analytic['train']:.3e}, "
+          f"inference+CFG {flops['infer_cfg']:.3e} / {analytic['infer_cfg']:.3e}", flush=True)
+    if args.compile:
+        compile_blocks(base.transformer_blocks)
+        # diffusers hands block 0 slices of the patch embedding; later blocks get fresh tensors.
+        base.transformer_blocks[0] = _ContiguousInputs(base.transformer_blocks[0])
+    with sdpa_kernel(backends):
+        results["bare"] = _measure("bare", bare_train, bare_infer, flops, args, peak, device)
+    del base
+    if device.type == "cuda":
         torch.cuda.empty_cache()
 
-        # --- adapted model: same backbone architecture + MagicMirror
-        with torch.device(device):
-            clip = CLIPVisionModel(CLIPVisionConfig(**_plain(arch.image_encoder))).to(dtype)
-        with torch.device(device):
-            model = build_magicmirror(cfg, build_base(), clip).to(dtype)
-        model.gradient_checkpointing = cfg.trainer.gradient_checkpointing
-        if args.compile:
-            for block in model.base.transformer_blocks:
-                block.compile()
-        size = clip.config.image_size
-        id_dim = model.face_encoder.id_query.in_features if model.face_encoder.id_query is not None else 512
-        mask = torch.zeros(batch, tconf["max_text_seq_length"], device=device)
-        mask[:, 2] = 1
-        ref = torch.rand(batch, 3, size, size, device=device, dtype=dtype)
-        ids = torch.randn(batch, id_dim, device=device, dtype=dtype)
+    # --- adapted model: same backbone architecture + MagicMirror
+    with torch.device(device):
+        clip = CLIPVisionModel(CLIPVisionConfig(**_plain(arch.image_encoder))).to(dtype)
+        model = build_magicmirror(cfg, build_base(), clip).to(dtype)
+    model.gradient_checkpointing = checkpointing
+    size = clip.config.image_size
+    id_dim = model.face_encoder.id_query.in_features if model.face_encoder.id_query is not None else 512
+    mask = torch.zeros(batch, tconf["max_text_seq_length"], device=device)
+    mask[:, 2] = 1
+    ref = torch.rand(batch, 3, size, size, device=device, dtype=dtype)
+    ids = torch.randn(batch, id_dim, device=device, dtype=dtype)
 
-        def adapted_train():
-            x = lat.clone().requires_grad_(True)
-            face = model.encode_face(ref, ids, mask)  # CLIP under no_grad inside; perceivers trained
-            model(x, text, t, image_rotary_emb=rotary, face=face)[0].float().pow(2).mean().backward()
-            model.zero_grad(set_to_none=True)
+    def adapted_train():
+        x = lat.clone().requires_grad_(True)
+        face = model.encode_face(ref, ids, mask)  # CLIP under no_grad inside; perceivers trained
+        model(x, text, t, image_rotary_emb=rotary, face=face)[0].float().pow(2).mean().backward()
+        model.zero_grad(set_to_none=True)
 
-        @torch.no_grad()
-        def adapted_infer():
-            face = model.encode_face(ref, ids, mask).for_guidance()
-            model(lat2, text2, t2, image_rotary_emb=rotary, face=face)
+    @torch.no_grad()
+    def adapted_infer():
+        face = model.encode_face(ref, ids, mask).for_guidance()
+        model(lat2, text2, t2, image_rotary_emb=rotary, face=face)
 
-        results["adapted"] = _measure("adapted", adapted_train, adapted_infer, args.steps, args.warmup, peak)
+    flops = {"train": _count_flops(adapted_train), "infer_cfg": _count_flops(adapted_infer)}
+    if args.compile:
+        compile_blocks(model.base.transformer_blocks)
+    with sdpa_kernel(backends):
+        results["adapted"] = _measure("adapted", adapted_train, adapted_infer, flops, args, peak, device)
 
     bare, adapted = results["bare"], results["adapted"]
     ratios = {"train_ratio": adapted["train_step_s"] / bare["train_step_s"],
-              "infer_cfg_ratio": adapted["infer_cfg_step_s"] / bare["infer_cfg_step_s"]}
-    print(f"adapted/bare: training step {ratios['train_ratio']:.3f}, inference step with CFG {ratios['infer_cfg_ratio']:.3f}")
+              "infer_cfg_ratio": adapted["infer_cfg_step_s"] / bare["infer_cfg_step_s"],
+              "train_flops_ratio": adapted["train_flops"] / bare["train_flops"]}
+    print(f"adapted/bare: training step {ratios['train_ratio']:.3f} (FLOPs {ratios['train_flops_ratio']:.3f}), "
+          f"inference step with CFG {ratios['infer_cfg_ratio']:.3f}")
     report = {
-        "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "device": device_name, "torch": torch.__version__,
         "diffusers": diffusers.__version__, "python": platform.python_version(), "experiment": cfg.experiment,
         "profile": cfg.profile, "stage": args.stage, "batch_size": batch, "compiled": args.compile,
-        "gradient_checkpointing": cfg.trainer.gradient_checkpointing, "latents": [batch, frames, tconf["in_channels"], h, w],
-        "matmul_peak_tflops": peak, **results, **ratios,
+        "gradient_checkpointing": checkpointing, "latents": [batch, frames, tconf["in_channels"], h, w],
+        "matmul_peak_tflops": peak, "analytic_bare_flops": analytic, **results, **ratios,
     }
+    if args.compile:
+        report["compile_counters"] = _compile_counters()
     name = f"{cfg.profile}_{args.stage}_b{batch}{'_compiled' if args.compile else ''}"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,14 +330,56 @@ def run(args) -> int:
     return 0
 
 
+def _contiguous_inputs_class():
+    import torch
+
+    class ContiguousInputs(torch.nn.Module):
+        """Runs a block on copies of its two streams with standard strides, as MagicMirrorTransformer
+        does, so that the first block's input strides match the others' (one compiled graph for all)."""
+
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, hidden_states, encoder_hidden_states, *args, **kwargs):
+            standard = lambda x: x.clone(memory_format=torch.contiguous_format)  # noqa: E731
+            return self.block(standard(hidden_states), standard(encoder_hidden_states), *args, **kwargs)
+
+    return ContiguousInputs
+
+
+def _ContiguousInputs(block):  # noqa: N802 (torch is imported lazily in this module)
+    return _contiguous_inputs_class()(block)
+
+
+def _compile_counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {"frames_compiled": counters["stats"]["unique_graphs"], "recompiles": sum(counters["recompiles"].values())}
+
+
 def _markdown(r: dict) -> str:
+    a = r["analytic_bare_flops"]
     lines = [f"# bench {r['profile']} {r['stage']} stage, batch {r['batch_size']}{', compiled' if r['compiled'] else ''}", "",
              f"{r['device']}, torch {r['torch']}, diffusers {r['diffusers']}, {r['date']}; latents {r['latents']}; "
-             f"bf16 matmul peak {r['matmul_peak_tflops']:.0f} TFLOP/s", "",
-             "| model | train step (s) | peak (GiB) | TFLOP/s | MFU | inference+CFG step (s) | MFU |", "|---|---|---|---|---|---|---|"]
+             f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}; "
+             f"bf16 matmul peak {r['matmul_peak_tflops']:.0f} TFLOP/s (measured, 8192^3)", "",
+             "| model | train step (s) | peak (GiB) | train FLOPs | TFLOP/s | MFU | inference+CFG step (s) | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
     for key in ("bare", "adapted"):
         m = r[key]
-        lines.append(f"| {key} | {m['train_step_s']:.3f} | {m['train_peak_gib']:.1f} | {m['train_tflops']:.0f} | "
-                     f"{m['train_mfu']:.1%} | {m['infer_cfg_step_s']:.3f} | {m['infer_mfu']:.1%} |")
-    lines += ["", f"adapted / bare: training step **{r['train_ratio']:.3f}**, inference step with CFG **{r['infer_cfg_ratio']:.3f}**", ""]
+        lines.append(f"| {key} | {m['train_step_s']:.3f} | {m['train_peak_gib']:.1f} | {m['train_flops']:.3e} | "
+                     f"{m['train_tflops']:.0f} | {m['train_mfu']:.1%} | {m['infer_cfg_step_s']:.3f} | {m['infer_mfu']:.1%} |")
+    lines += ["", f"adapted / bare: training step **{r['train_ratio']:.3f}** (FLOPs {r['train_flops_ratio']:.3f}), "
+              f"inference step with CFG **{r['infer_cfg_ratio']:.3f}**", "",
+              f"FLOPs from torch.utils.flop_counter on one eager step; bare-model analytic check: training "
+              f"{a['train']:.3e}, inference+CFG {a['infer_cfg']:.3e}.", ""]
+    for key in ("bare", "adapted"):
+        for kind in ("train", "infer_cfg"):
+            rows = r[key].get(f"kernels_{kind}")
+            if rows:
+                lines += [f"Costliest GPU kernels, {key}, {kind} step ({rows[0]['total_ms']:.0f} ms in all):", "",
+                          "| ms | share | calls | kernel |", "|---|---|---|---|"]
+                lines += [f"| {x['ms']:.1f} | {x['share']:.1%} | {x['calls']} | `{x['kernel'][:100]}` |" for x in rows[1:]]
+                lines.append("")
     return "\n".join(lines)

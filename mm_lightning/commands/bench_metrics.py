@@ -1,4 +1,4 @@
-"""`python -m mm_lightning bench-metrics`: seconds to score one generated-size video with every offline metric.
+"""Metrics benchmark command: seconds to score one generated-size video with every offline metric.
 
 The video is synthetic (the astronaut photo sliding across a 49x480x720 frame at 16 px per frame,
 8 fps, as CogVideoX outputs), so the figure needs no data and no GPU. Target: <= 10 s on 2 cores.

@@ -53,7 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow-max-side", type=int,
                         help="shrink frames to this longest side for flow (default 360); 0: full size")
     parser.add_argument("--frames-sampled", type=int, help="frames per video for face metrics and CLIP (default 16)")
-    parser.add_argument("--no-face-similarity", help="ID similarity of a frame without a face: a number, or 'skip'")
+    parser.add_argument("--no-face-similarity", type=_no_face_policy,
+                        help="ID similarity of a frame without a face: a number (default 0), or 'skip'")
+
+
+def _no_face_policy(text: str) -> float | str:
+    if text == "skip":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'skip', got {text!r}") from None
 
 
 def load_manifest(path: Path) -> list[Row]:
@@ -97,7 +107,7 @@ def evaluator_config(args: argparse.Namespace):
     if args.flow_max_side is not None:
         config["flow_max_side"] = args.flow_max_side or None
     if args.no_face_similarity is not None:
-        config["no_face_similarity"] = None if args.no_face_similarity == "skip" else float(args.no_face_similarity)
+        config["no_face_similarity"] = None if args.no_face_similarity == "skip" else args.no_face_similarity
     return EvaluatorConfig(**config)
 
 
@@ -116,6 +126,17 @@ def score_rows(rows: list[Row], evaluator, out_file: Path) -> list[dict]:
     from mm_lightning.faces import NoFaceError
 
     references: dict[tuple[Path, ...], object] = {}  # one Reference (or its error) per reference set
+
+    def reference(paths: tuple[Path, ...]):
+        if paths not in references:
+            try:
+                references[paths] = evaluator.prepare_reference([read_image(p) for p in paths], [str(p) for p in paths])
+            except (MediaReadError, NoFaceError) as err:
+                references[paths] = err
+        if isinstance(references[paths], Exception):
+            raise references[paths]
+        return references[paths]
+
     records = []
     with out_file.open("w") as f:
         for row in rows:
@@ -123,16 +144,9 @@ def score_rows(rows: list[Row], evaluator, out_file: Path) -> list[dict]:
                       "references": [str(p) for p in row.references]}
             start = time.perf_counter()
             try:
-                key = tuple(row.references)
-                if key not in references:
-                    try:
-                        references[key] = evaluator.prepare_reference([read_image(p) for p in key])
-                    except (MediaReadError, NoFaceError) as err:
-                        references[key] = err
-                if isinstance(references[key], Exception):
-                    raise references[key]
+                ref = reference(tuple(row.references))
                 frames, fps = read_video(row.video)
-                record.update(evaluator.score_video(frames, fps, references[key], row.prompt or None))
+                record.update(evaluator.score_video(frames, fps, ref, row.prompt or None))
             except (MediaReadError, NoFaceError) as err:
                 record["error"] = str(err)
             record["seconds"] = round(time.perf_counter() - start, 3)

@@ -104,7 +104,9 @@ class MagicMirrorTransformer(nn.Module):
         # 3. Patch embedding; text tokens first.
         hidden_states = base.embedding_dropout(base.patch_embed(encoder_hidden_states, hidden_states))
         text_len = encoder_hidden_states.shape[1]
-        encoder_hidden_states, hidden_states = hidden_states[:, :text_len], hidden_states[:, text_len:]
+        # Copies with standard strides: every block then sees the same input layout (one graph under torch.compile).
+        encoder_hidden_states = hidden_states[:, :text_len].clone(memory_format=torch.contiguous_format)
+        hidden_states = hidden_states[:, text_len:].clone(memory_format=torch.contiguous_format)
         face_tokens = face.x_face.to(hidden_states.dtype) if face.x_face is not None else None  # [B, Nf, D]
 
         # 4. Blocks: adapted ones also carry the face stream.

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from evaluation.synthetic import astronaut, grace_hopper
+from evaluation.synthetic import astronaut, camera, grace_hopper
 from evaluation.video_io import write_video
 from mm_lightning.commands import score
 
@@ -26,12 +26,14 @@ def manifest(tmp_path_factory, astronaut_static, astronaut_pan, hopper_static):
 
     imageio.imwrite(folder / "astronaut.png", astronaut())
     imageio.imwrite(folder / "hopper.png", grace_hopper())
+    imageio.imwrite(folder / "camera.png", camera())
     rows = [
         {"video": "clips/static.mp4", "references": ["astronaut.png"], "prompt": "a woman", "method": "still"},
         {"video": "clips/pan.mp4", "references": ["astronaut.png"], "prompt": "a woman", "method": "moving"},
         {"video": "clips/hopper.mp4", "references": ["astronaut.png"], "prompt": "a woman", "method": "still"},
         {"video": "clips/hopper.mp4", "references": ["hopper.png"], "prompt": "a woman", "method": "right ref"},
         {"video": "clips/missing.mp4", "references": ["astronaut.png"], "prompt": "a woman", "method": "still"},
+        {"video": "clips/static.mp4", "references": ["camera.png"], "prompt": "a woman", "method": "faceless ref"},
     ]
     path = folder / "manifest.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -46,13 +48,14 @@ def scored(manifest, tmp_path_factory):
 
 
 def test_per_video_values(scored):
-    _, (static, pan, other, right, missing) = scored
+    _, (static, pan, other, right, missing, faceless) = scored
     assert static["dynamic"] is False and static["fm_inter"] == pytest.approx(0.0, abs=1e-3)
     assert pan["dynamic"] is True
     assert right["id_similarity"] > other["id_similarity"] + 0.05  # Hopper's clip against her own photo
     assert static["id_similarity"] > other["id_similarity"] + 0.05
     assert static["frames_scored"] == 6 and static["no_face_frames"] == 0
     assert "not found" in missing["error"] and "id_similarity" not in missing
+    assert "no face detected in" in faceless["error"] and "camera.png" in faceless["error"]
 
 
 def test_table_per_method(scored, capsys):

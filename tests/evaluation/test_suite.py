@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from evaluation.suite import EvaluatorConfig
 from evaluation.synthetic import astronaut, camera, grace_hopper
 from mm_lightning.faces import NoFaceError
 
@@ -67,3 +68,9 @@ def test_grace_hopper_reference_prefers_her_clip(evaluator, astronaut_static, ho
     ref = evaluator.prepare_reference([grace_hopper()])
     assert (evaluator.score_video(hopper_static, FPS, ref)["id_similarity"]
             > evaluator.score_video(astronaut_static, FPS, ref)["id_similarity"] + 0.05)
+
+
+def test_config_from_the_experiment_eval_section():
+    section = {"enabled": True, "frames_sampled": 8, "flow": "farneback", "clip_path": None, "no_face_similarity": None}
+    config = EvaluatorConfig.from_mapping(section, face_backend="insightface", frames_sampled=4)
+    assert (config.frames_sampled, config.no_face_similarity, config.face_backend) == (4, None, "insightface")

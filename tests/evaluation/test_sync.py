@@ -64,10 +64,10 @@ def test_merged_instances_equal_one_instance():
     assert results(first) == pytest.approx(results(whole))
 
 
-def _worker(rank, init_file, out_file):
+def _worker(rank, init_file, out_file, shares):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     metrics = make_metrics()
-    feed(metrics, range(rank, 8, 2))
+    feed(metrics, shares[rank])
     values = results(metrics)  # compute() gathers every rank's states
     if rank == 0:
         with open(out_file, "w") as f:
@@ -75,9 +75,11 @@ def _worker(rank, init_file, out_file):
     dist.destroy_process_group()
 
 
-def test_two_processes_sync_to_the_single_process_result(tmp_path):
+# Interleaved, and a rank with no video at all (more GPUs than eval videos): it must still sync.
+@pytest.mark.parametrize("shares", [[range(0, 8, 2), range(1, 8, 2)], [range(0), range(8)]])
+def test_two_processes_sync_to_the_single_process_result(tmp_path, shares):
     whole = make_metrics()
     feed(whole, range(8))
     out = tmp_path / "synced.json"
-    torch.multiprocessing.spawn(_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2)
+    torch.multiprocessing.spawn(_worker, args=(str(tmp_path / "init"), str(out), shares), nprocs=2)
     assert json.loads(out.read_text()) == pytest.approx(results(whole))

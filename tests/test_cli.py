@@ -1,0 +1,54 @@
+"""The command line: --help everywhere, clear errors for bad names and keys, describe."""
+
+import pytest
+
+from mm_lightning.cli import COMMANDS, build_parser, main
+from mm_lightning.config import ConfigError, list_experiments, load_config
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_experiments_cover_the_paper_ablation_rows():
+    assert set(list_experiments()) >= {"full", "no_can", "no_pretrain", "single_branch", "structural_only", "dual_branch"}
+
+
+def test_unknown_experiment_profile_and_key_list_the_valid_choices():
+    with pytest.raises(ConfigError, match="unknown experiment 'fulll'.*full, no_can"):
+        load_config("fulll")
+    with pytest.raises(ConfigError, match="unknown profile 'huge'.*cogvideox-5b, tiny"):
+        load_config("full", "huge")
+    with pytest.raises(ConfigError, match="unknown config key 'model.cann'.*valid keys under model:.*can,"):
+        load_config("full", overrides=["model.cann=false"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config("full", overrides=["model.can"])
+
+
+def test_config_validation_refuses_impossible_variants():
+    with pytest.raises(ConfigError, match="identity_weight > 0 needs a differentiable face embedder"):
+        load_config("full", overrides=["loss.identity_weight=0.1"])
+    with pytest.raises(ConfigError, match="needs the structural branch"):
+        load_config("full", overrides=["model.branches=[identity]"])
+    with pytest.raises(ConfigError, match="curriculum.order names stage 'warmup'"):
+        load_config("full", overrides=["curriculum.order=[warmup]"])
+
+
+def test_cli_reports_config_errors_without_a_traceback(capsys):
+    assert main(["describe", "--experiment", "nope"]) == 2
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("profile", ["tiny", "cogvideox-5b"])
+@pytest.mark.parametrize("experiment", list_experiments())
+def test_describe_every_experiment_in_both_profiles(experiment, profile, capsys):
+    assert main(["describe", "--experiment", experiment, "--profile", profile]) == 0
+    out = capsys.readouterr().out
+    assert f"experiment: {experiment}" in out and "backbone (CogVideoX transformer)" in out
+    if profile == "cogvideox-5b":  # the real sizes, built on the meta device without weights
+        assert "5,570,283,072" in out  # CogVideoX-5B transformer
+        assert "303,179,776" in out  # CLIP ViT-L/14 vision tower
