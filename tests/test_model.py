@@ -37,7 +37,7 @@ def test_fresh_adapted_model_equals_plain_diffusers_transformer(experiment):
         adapted = components.transformer(latents, text, t, image_rotary_emb=rotary, face=face)[0]
     assert (adapted - expected).abs().max().item() <= 1e-5
 
-    # The adapters are really in the path: a non-zero output projection changes the output.
+    # The adapters are really in the path: non-zero values and modulations change the output.
     with torch.no_grad():
         for p in components.transformer.parameters():
             if p.requires_grad and p.abs().sum() == 0:

@@ -66,7 +66,7 @@ def test_non_finite_loss_stops_with_a_clear_error():
     with torch.no_grad():
         module.transformer.face_encoder.face_queries.fill_(float("nan"))
         for block in module.transformer.base.transformer_blocks[::2]:
-            block.to_out_face.weight.fill_(1.0)
+            block.to_v_face.weight.fill_(1.0)
     with pytest.raises(NonFiniteLossError, match="non-finite loss in stage 'image_pretrain'.*--resume"):
         module.training_step(batch, 0)
 

@@ -13,7 +13,7 @@ ADAPTER_PARTS = {
     "fusion MLP": lambda n: n.startswith("face_encoder.fusion."),
     "CAN": lambda n: ".can." in n or n.startswith("id_proj."),
     "face AdaLN (m_face)": lambda n: ".face_modulation." in n,
-    "cross-attention": lambda n: any(k in n for k in (".face_kv_norm.", ".to_k_face.", ".to_v_face.", ".norm_k_face.", ".to_out_face.")),
+    "cross-attention": lambda n: any(k in n for k in (".face_kv_norm.", ".to_k_face.", ".to_v_face.", ".norm_k_face.")),
     "projections (x_face)": lambda n: n.startswith("face_encoder.face_proj."),
 }
 

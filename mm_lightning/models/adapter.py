@@ -10,15 +10,19 @@ that lets it in:
 - m_face: x_face is a third stream of the joint attention with its own adaptive norm
   phi_face(t) (shift/scale/gate for attention and feed-forward). Each adapted block has
   its own phi_face, so the layer index l of phi_face(t, l) is carried by the weights.
-- Decoupled cross-attention: the block's text+video queries also attend to the face
-  tokens through new K/V projections: out = SA(x) + CA(W_q x, W'_kv x_face).
+- Decoupled cross-attention (as IP-Adapter): the block's text+video queries also attend
+  to the face tokens through new K/V projections, and both results share the block's
+  output projection: out = W_o (SA(x) + CA(W_q x, W'_kv x_face)).
 
-Zero initialisation and exact equivalence: every new output projection and modulation
-predictor starts at zero. The face stream *queries* the full [text, video, face]
+Zero initialisation and exact equivalence: the new value projection and every new
+modulation predictor start at zero. The face stream *queries* the full [text, video, face]
 sequence, but text and video read the face only through the cross-attention, whose
-output projection is zero at init. (Letting text/video keys include face tokens inside
-the frozen softmax would change the base model's output at init, whatever the zero-init.)
-So a freshly built adapted model computes exactly what the base model computes.
+values are zero at init. (Letting text/video keys include face tokens inside the frozen
+softmax would change the base model's output at init, whatever the zero-init.) So a
+freshly built adapted model computes exactly what the base model computes.
+
+Cost: the three streams share one Q/K/V projection call and one output projection call,
+and the cross-attention adds no output projection of its own (see benchmarks/).
 """
 
 from __future__ import annotations
@@ -53,13 +57,12 @@ class MagicMirrorBlock(nn.Module):
         heads = block.attn1.heads
         self.dim, self.heads = dim, heads
 
-        self.face_kv_norm = self.to_k_face = self.to_v_face = self.norm_k_face = self.to_out_face = None
+        self.face_kv_norm = self.to_k_face = self.to_v_face = self.norm_k_face = None
         if use_cross_attention:
             self.face_kv_norm = nn.LayerNorm(dim, eps=1e-6)
             self.to_k_face = nn.Linear(dim, dim)
-            self.to_v_face = nn.Linear(dim, dim)
+            self.to_v_face = _zero_linear(dim, dim)
             self.norm_k_face = nn.LayerNorm(dim // heads, eps=1e-6)
-            self.to_out_face = _zero_linear(dim, dim)
 
         # phi_face(t): shift, scale, gate for the attention and the feed-forward of the face stream.
         self.face_modulation = nn.Sequential(nn.SiLU(), _zero_linear(time_embed_dim, 6 * dim)) if use_face_modality else None
@@ -79,31 +82,30 @@ class MagicMirrorBlock(nn.Module):
 
     def attention(self, video, text, face_stream, face_tokens, image_rotary_emb):
         """Joint attention of the block (as diffusers' CogVideoXAttnProcessor2_0 computes it),
-        plus the decoupled face cross-attention and the face stream's own queries."""
+        plus the decoupled face cross-attention and the face stream's own queries.
+        Returns the attention outputs of (video [B, N, D], text [B, L, D], face stream [B, Nf, D] or None)."""
         attn = self.block.attn1
-        text_len = text.shape[1]
-        x = torch.cat([text, video], dim=1)  # [B, L+N, D]
+        text_len, joint_len = text.shape[1], text.shape[1] + video.shape[1]
+        streams = [text, video] if face_stream is None else [text, video, face_stream]
+        x = torch.cat(streams, dim=1)  # [B, L+N(+Nf), D]: one projection call for all streams
         q, k, v = self._heads(attn.to_q(x)), self._heads(attn.to_k(x)), self._heads(attn.to_v(x))
         q, k = attn.norm_q(q), attn.norm_k(k)
-        if image_rotary_emb is not None:  # RoPE on the video tokens only
-            q = torch.cat([q[:, :, :text_len], apply_rotary_emb(q[:, :, text_len:], image_rotary_emb)], dim=2)
-            k = torch.cat([k[:, :, :text_len], apply_rotary_emb(k[:, :, text_len:], image_rotary_emb)], dim=2)
-        out = attn.to_out[1](attn.to_out[0](self._merge(F.scaled_dot_product_attention(q, k, v))))  # [B, L+N, D]
-
-        if self.to_out_face is not None:
+        if image_rotary_emb is not None:  # RoPE on the video tokens only, in place as diffusers does
+            q[:, :, text_len:joint_len] = apply_rotary_emb(q[:, :, text_len:joint_len], image_rotary_emb)
+            k[:, :, text_len:joint_len] = apply_rotary_emb(k[:, :, text_len:joint_len], image_rotary_emb)
+        q_joint = q[:, :, :joint_len]
+        # Text and video attend to text and video only: the base block's own attention.
+        out = F.scaled_dot_product_attention(q_joint, k[:, :, :joint_len], v[:, :, :joint_len])  # [B, H, L+N, D/H]
+        if self.to_v_face is not None:
             face_kv = self.face_kv_norm(face_tokens)
             k_face = self.norm_k_face(self._heads(self.to_k_face(face_kv)))
             v_face = self._heads(self.to_v_face(face_kv))
-            out = out + self.to_out_face(self._merge(F.scaled_dot_product_attention(q, k_face, v_face)))
-
-        face_out = None
+            out = out + F.scaled_dot_product_attention(q_joint, k_face, v_face)
         if face_stream is not None:  # m_face: the face stream queries [text, video, face]
-            q_f = attn.norm_q(self._heads(attn.to_q(face_stream)))
-            k_f = attn.norm_k(self._heads(attn.to_k(face_stream)))
-            v_f = self._heads(attn.to_v(face_stream))
-            face_attn = F.scaled_dot_product_attention(q_f, torch.cat([k, k_f], dim=2), torch.cat([v, v_f], dim=2))
-            face_out = attn.to_out[1](attn.to_out[0](self._merge(face_attn)))
-        return out[:, text_len:], out[:, :text_len], face_out
+            out = torch.cat([out, F.scaled_dot_product_attention(q[:, :, joint_len:], k, v)], dim=2)
+        out = attn.to_out[1](attn.to_out[0](self._merge(out)))  # [B, L+N(+Nf), D]
+        face_out = out[:, joint_len:] if face_stream is not None else None
+        return out[:, text_len:joint_len], out[:, :text_len], face_out
 
     def forward(
         self,
