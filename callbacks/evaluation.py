@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import matplotlib
@@ -39,7 +40,10 @@ from mm_lightning.tracking import tracking_uri  # noqa: E402
 
 def evaluate_model(module, cfg: DictConfig, prefix: str, client: MlflowClient, run_id: str, step: int,
                    rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Generates and scores the eval set with `module`'s current weights; logs metrics + artifacts."""
+    """Generates and scores the eval set with `module`'s current weights; logs metrics + artifacts.
+
+    The pass's wall time is logged as eval/<prefix>/seconds (generation and scoring together)."""
+    start = time.perf_counter()
     eval_set = cfg.eval.eval_set or demo_eval_set(cfg.cache_dir)
     items = load_eval_set(eval_set)
     if cfg.eval.max_videos:
@@ -79,6 +83,9 @@ def evaluate_model(module, cfg: DictConfig, prefix: str, client: MlflowClient, r
     if rank == 0:
         for key, value in metrics.items():
             client.log_metric(run_id, f"eval/{prefix}/{key}", value, step=step)
+        seconds = time.perf_counter() - start
+        client.log_metric(run_id, f"eval/{prefix}/seconds", seconds, step=step)
+        print(f"evaluation of {prefix} at step {step}: {len(items)} videos in {seconds:.1f} s")
     module.train(was_training)
     return metrics
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -135,6 +136,8 @@ def strategy(cfg: DictConfig):
 
 def fit(cfg: DictConfig, resume: bool = False, tags: dict[str, str] | None = None) -> str:
     """Trains every stage of the curriculum; returns the MLflow run id."""
+    # The frozen backbone, VAE, T5 and CLIP stay in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     L.seed_everything(cfg.seed, workers=True)
     run_dir = _run_dir(cfg, resume)
     state = RunState(run_dir)
