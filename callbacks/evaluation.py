@@ -8,7 +8,8 @@ to the stage's MLflow run:
              fm_ref, fm_inter, dynamic_degree, and text_alignment when CLIP weights are set)
   artifacts  eval/<stage>/step<N>/videos/*.mp4, contact_sheets/*.png, id_similarity/*.png,
              per_video.json
-Under DDP each rank generates its share of the videos; torchmetrics syncs the metrics.
+Under DDP each rank generates its share of the videos and logs them under step<N>/rank<r>/;
+torchmetrics syncs the metrics.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def evaluate_model(module, cfg: DictConfig, prefix: str, client: MlflowClient, r
             per_video.append({"video": name, "identity": item.identity, "prompt": item.prompt, **scores})
         metrics = evaluator.compute()  # every rank calls it: torchmetrics syncs the states here
         (out / "per_video.json").write_text(json.dumps(per_video, indent=2, default=_json_default))
-        client.log_artifacts(run_id, str(out), artifact_path=f"eval/{prefix}/step{step}")
+        # Under DDP each rank logs its own videos into its own folder: no two ranks write one path.
+        artifact_path = f"eval/{prefix}/step{step}" + (f"/rank{rank}" if world_size > 1 else "")
+        client.log_artifacts(run_id, str(out), artifact_path=artifact_path)
     if rank == 0:
         for key, value in metrics.items():
             client.log_metric(run_id, f"eval/{prefix}/{key}", value, step=step)

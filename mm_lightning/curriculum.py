@@ -19,6 +19,7 @@ the right step.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -52,18 +54,47 @@ class RunState:
         tmp.replace(self.path)
 
 
+RUN_DIR_ENV = "MM_LIGHTNING_RUN_DIR"
+
+
 def _run_dir(cfg: DictConfig, resume: bool) -> Path:
-    root = Path(cfg.output_dir)
-    if resume:
-        runs = sorted(p for p in root.glob("*") if (p / "run.json").exists())
+    """The run folder, the same on every rank of a multi-process run.
+
+    $MM_LIGHTNING_RUN_DIR names it when set: rank 0 sets it for the processes Lightning
+    launches, and users set it for torchrun. Under SLURM it is <output_dir>/slurm-<job id>.
+    Otherwise rank 0 makes a new timestamped folder, or takes the newest one on --resume."""
+    if os.environ.get(RUN_DIR_ENV):
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+    elif os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        run_dir = Path(cfg.output_dir) / f"slurm-{os.environ['SLURM_JOB_ID']}"
+    elif rank_zero_only.rank != 0:
+        raise RuntimeError(f"rank {rank_zero_only.rank} cannot tell which run folder rank 0 uses: "
+                           f"set ${RUN_DIR_ENV} to the same folder on every node")
+    elif resume:
+        runs = sorted(p for p in Path(cfg.output_dir).glob("*") if (p / "run.json").exists())
         if not runs:
-            raise FileNotFoundError(f"--resume: no run to resume under {root}")
-        return runs[-1]
-    run_dir = root / time.strftime("%Y%m%d-%H%M%S")
-    while run_dir.exists():  # two runs started in the same second
-        run_dir = run_dir.with_name(run_dir.name + "_")
-    run_dir.mkdir(parents=True)
+            raise FileNotFoundError(f"--resume: no run to resume under {cfg.output_dir}")
+        run_dir = runs[-1]
+    else:
+        run_dir = Path(cfg.output_dir) / time.strftime("%Y%m%d-%H%M%S")
+        while run_dir.exists():  # two runs started in the same second
+            run_dir = run_dir.with_name(run_dir.name + "_")
+    if resume and rank_zero_only.rank == 0 and not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no run.json")
+    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _wait_for_run_id(state: RunState, timeout_s: float = 600) -> str:
+    """On ranks other than 0: the MLflow run id, once rank 0 has written it to run.json."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if state.path.exists():
+            run_id = json.loads(state.path.read_text())["mlflow_run_id"]
+            if run_id:
+                return run_id
+        time.sleep(1)
+    raise TimeoutError(f"rank {rank_zero_only.rank}: rank 0 wrote no MLflow run id to {state.path} in {timeout_s:.0f} s")
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -140,22 +171,34 @@ def fit(cfg: DictConfig, resume: bool = False, tags: dict[str, str] | None = Non
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     L.seed_everything(cfg.seed, workers=True)
     run_dir = _run_dir(cfg, resume)
-    state = RunState(run_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    inherited = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())  # for the processes Lightning launches
+    try:
+        return _fit_stages(cfg, run_dir, resume, tags)
+    finally:  # ablate calls fit again in this process, for another run
+        if inherited is None:
+            del os.environ[RUN_DIR_ENV]
 
+
+def _fit_stages(cfg: DictConfig, run_dir: Path, resume: bool, tags: dict[str, str] | None) -> str:
+    state = RunState(run_dir)
+    rank_zero = rank_zero_only.rank == 0  # the other ranks train; they log and write nothing
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
-    experiment_id = ensure_experiment(client, cfg.tracking.experiment_name, uri)
-    if state.data["mlflow_run_id"] is None:
+    if not rank_zero:
+        state.data["mlflow_run_id"] = _wait_for_run_id(state)
+    elif state.data["mlflow_run_id"] is None:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        experiment_id = ensure_experiment(client, cfg.tracking.experiment_name, uri)
         run = client.create_run(experiment_id, tags={**run_tags(cfg), "mm.role": "train", **(tags or {})})
-        state.data["mlflow_run_id"] = run.info.run_id
-        state.save()
         params = list(flatten_config(cfg).items())
         for i in range(0, len(params), 100):
             client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params[i : i + 100]])
         client.log_artifact(run.info.run_id, str(run_dir / "config.yaml"))
+        client.set_tag(run.info.run_id, "mm.run_dir", str(run_dir.resolve()))
+        state.data["mlflow_run_id"] = run.info.run_id
+        state.save()
     run_id = state.data["mlflow_run_id"]
-    client.set_tag(run_id, "mm.run_dir", str(run_dir.resolve()))
 
     module = MagicMirrorModule(cfg, stage=cfg.curriculum.order[0])
     for stage in cfg.curriculum.order:
@@ -177,16 +220,20 @@ def fit(cfg: DictConfig, resume: bool = False, tags: dict[str, str] | None = Non
         trainer.fit(module, datamodule=datamodule, **({"ckpt_path": ckpt_path} if ckpt_path else {}))
         if trainer.interrupted:
             raise KeyboardInterrupt(f"stage {stage} interrupted; continue with --resume")
+        trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=True)  # every rank joins; rank 0 writes
+        state.data["finished_stages"].append(stage)
+        if not rank_zero:
+            continue
         for reason, count in datamodule.skipped.items():
             client.log_metric(run_id, f"data/{stage}/skipped/{reason}", count)
-        trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=True)
-        state.data["finished_stages"].append(stage)
         state.save()
         # Lightning's MLFlowLogger marks the run FINISHED after every trainer.fit; only the
         # last stage may leave it so (ablate and table count FINISHED runs as complete).
         client.update_run(run_id, status="RUNNING")
 
     final = run_dir / "checkpoints" / cfg.curriculum.order[-1] / "final.ckpt"
+    if not rank_zero:
+        return run_id
     client.log_artifact(run_id, str(final), artifact_path="checkpoint")
     client.set_tag(run_id, "mm.completed", "true")
     client.set_terminated(run_id, "FINISHED")

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from .config import config_from_checkpoint, load_config
 from .faces import differentiable_embedder
 from .models.loading import Components, load_components
+from .models.magicmirror import compile_blocks
 from .pipeline import build_pipeline
 from .text import identity_token_mask
 
@@ -47,8 +48,7 @@ class MagicMirrorModule(L.LightningModule):
             self.arcface = differentiable_embedder(cfg.faces.backend, cfg.faces.insightface_root, cfg.faces.insightface_model)
         self.transformer.gradient_checkpointing = cfg.trainer.gradient_checkpointing
         if cfg.trainer.compile_blocks:
-            for block in self.transformer.base.transformer_blocks:
-                block.compile()
+            compile_blocks(self.transformer.base.transformer_blocks)
 
     @classmethod
     def from_checkpoint(cls, path: str, overrides: list[str] = (), experiment: str | None = None,

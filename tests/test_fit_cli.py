@@ -182,3 +182,18 @@ def test_two_process_ddp_keeps_the_trainable_weights_identical(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert any(not torch.equal(rank0[n], initial[n]) for n in rank0)  # and they did train
+
+
+def test_fit_under_two_process_ddp_keeps_one_run_folder_and_one_mlflow_run(tmp_path):
+    # Lightning launches rank 1 by re-running the command: it must find rank 0's run folder
+    # and MLflow run instead of starting its own, and the ranks' eval artifacts must not collide.
+    _cli(tmp_path, "fit", "--experiment", "full", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp")
+    (run_dir,) = (tmp_path / "runs" / "full").iterdir()
+    assert (run_dir / "checkpoints" / "video_finetune" / "final.ckpt").exists()
+    client = _client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("mm_lightning").experiment_id])
+    assert run.info.run_id == json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    assert run.info.status == "FINISHED" and "eval/video_finetune/id_similarity" in run.data.metrics
+    artifacts = _artifacts(client, run.info.run_id)
+    for rank in (0, 1):
+        assert any(a.startswith(f"eval/video_finetune/step16/rank{rank}/videos/") for a in artifacts), rank

@@ -205,6 +205,7 @@ def run(args) -> int:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from ..models.loading import _plain, build_magicmirror
+    from ..models.magicmirror import compile_blocks
 
     device, dtype = torch.device(args.device), torch.bfloat16
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -238,11 +239,17 @@ def run(args) -> int:
         with torch.device(device):  # random init straight on the GPU
             return CogVideoXTransformer3DModel.from_config(tconf).to(dtype).requires_grad_(False)
 
-    def compile_blocks(blocks):
-        # One compiled graph serves all blocks of a class (their weights are graph inputs);
-        # static shapes: the training (batch B) and CFG (batch 2B) calls get one graph each.
-        for block in blocks:
-            block.compile(dynamic=False)
+    class ContiguousInputs(torch.nn.Module):
+        """Runs a block on copies of its two streams with standard strides, as MagicMirrorTransformer
+        does, so that the first block's input strides match the others' (one compiled graph for all)."""
+
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, hidden_states, encoder_hidden_states, *args, **kwargs):
+            standard = lambda x: x.clone(memory_format=torch.contiguous_format)  # noqa: E731
+            return self.block(standard(hidden_states), standard(encoder_hidden_states), *args, **kwargs)
 
     lat, text, t = inputs(batch)
     lat2, text2, t2 = inputs(2 * batch)
@@ -270,7 +277,7 @@ def run(args) -> int:
     if args.compile:
         compile_blocks(base.transformer_blocks)
         # diffusers hands block 0 slices of the patch embedding; later blocks get fresh tensors.
-        base.transformer_blocks[0] = _ContiguousInputs(base.transformer_blocks[0])
+        base.transformer_blocks[0] = ContiguousInputs(base.transformer_blocks[0])
     with sdpa_kernel(backends):
         results["bare"] = _measure("bare", bare_train, bare_infer, flops, args, peak, device)
     del base
@@ -328,28 +335,6 @@ def run(args) -> int:
     (out / f"{name}.md").write_text(_markdown(report))
     print(f"wrote {out / name}.json and .md")
     return 0
-
-
-def _contiguous_inputs_class():
-    import torch
-
-    class ContiguousInputs(torch.nn.Module):
-        """Runs a block on copies of its two streams with standard strides, as MagicMirrorTransformer
-        does, so that the first block's input strides match the others' (one compiled graph for all)."""
-
-        def __init__(self, block):
-            super().__init__()
-            self.block = block
-
-        def forward(self, hidden_states, encoder_hidden_states, *args, **kwargs):
-            standard = lambda x: x.clone(memory_format=torch.contiguous_format)  # noqa: E731
-            return self.block(standard(hidden_states), standard(encoder_hidden_states), *args, **kwargs)
-
-    return ContiguousInputs
-
-
-def _ContiguousInputs(block):  # noqa: N802 (torch is imported lazily in this module)
-    return _contiguous_inputs_class()(block)
 
 
 def _compile_counters() -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class NoFaceError(ValueError):
     """No face was detected where one is required."""
 
 
-class FaceAnalyzer:
+class FaceAnalyzer(ABC):
     """Base class: subclasses implement ``_detect`` on an RGB uint8 image."""
 
     name: str
@@ -48,8 +49,9 @@ class FaceAnalyzer:
             raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {image.shape} {image.dtype}")
         return sorted(self._detect(np.ascontiguousarray(image)), key=lambda f: f.area, reverse=True)
 
+    @abstractmethod
     def _detect(self, image: np.ndarray) -> list[Face]:
-        raise NotImplementedError
+        """Every face in a contiguous [H, W, 3] uint8 RGB image, in any order."""
 
     def largest_face(self, image: np.ndarray) -> Face | None:
         faces = self.detect(image)

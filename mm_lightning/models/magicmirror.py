@@ -136,3 +136,13 @@ class MagicMirrorTransformer(nn.Module):
         """Only the trained weights: checkpoints never hold the frozen backbone, T5, VAE or CLIP."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
+
+
+def compile_blocks(blocks: nn.ModuleList) -> None:
+    """torch.compile each transformer block in place (`trainer.compile_blocks`, `bench --compile`).
+
+    One compiled graph serves every block of a class, since weights are graph inputs and the
+    forward hands every block inputs of the same layout. Static shapes: each batch shape
+    (e.g. training at B and guidance at 2B) gets its own graph."""
+    for block in blocks:
+        block.compile(dynamic=False)
