@@ -58,21 +58,25 @@ def evaluate_model(module, cfg: DictConfig, prefix: str, client: MlflowClient, r
     pipe = module.sampling_pipeline()
     clip_size = module.transformer.face_encoder.clip_image_size
     per_video = []
+    prepared = {}  # per reference set, shared by its prompts: (images, ref_pixels, id_embedding, Reference)
     was_training = module.training
     module.eval()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for index in range(rank, len(items), world_size):
             item = items[index]
-            images = [read_image(p) for p in item.references]
             name = f"{index:03d}_{item.identity}"
+            key = tuple(item.references)
             try:
-                ref_pixels, id_embedding = reference_inputs(evaluator.analyzer, images, clip_size, [str(p) for p in item.references])
+                if key not in prepared:
+                    images, names = [read_image(p) for p in key], [str(p) for p in key]
+                    prepared[key] = (images, *reference_inputs(evaluator.analyzer, images, clip_size, names),
+                                     evaluator.prepare_reference(images, names))
             except NoFaceError as err:  # a bad eval-set entry is reported, not fatal
                 per_video.append({"video": name, "prompt": item.prompt, "error": str(err)})
                 continue
+            images, ref_pixels, id_embedding, reference = prepared[key]
             frames = sample_video(pipe, cfg, item.prompt, ref_pixels, id_embedding, seed=cfg.seed + index)
-            reference = evaluator.prepare_reference(images, [str(p) for p in item.references])
             scores = evaluator.score_video(frames, cfg.sampling.fps, reference, item.prompt)
             write_video(out / "videos" / f"{name}.mp4", frames, cfg.sampling.fps)
             contact_sheet(out / "contact_sheets" / f"{name}.png", images[0], frames, item.prompt)

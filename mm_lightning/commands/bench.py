@@ -133,11 +133,12 @@ def _top_kernels(fn, n: int, device) -> list[dict]:
         _sync(device)
     rows = []
     for event in prof.key_averages():
-        total = getattr(event, "device_time_total", None)
-        if total is None:
-            total = getattr(event, "cuda_time_total", 0)
         if device.type != "cuda":
             total = event.self_cpu_time_total
+        else:  # torch renamed cuda_time_total to device_time_total
+            total = getattr(event, "device_time_total", None)
+            if total is None:
+                total = getattr(event, "cuda_time_total", 0)
         if total > 0:
             rows.append({"kernel": event.key, "ms": total / 1e3, "calls": event.count})
     rows.sort(key=lambda r: -r["ms"])
