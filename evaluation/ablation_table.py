@@ -14,7 +14,7 @@ import io
 import math
 import statistics
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,12 @@ import yaml
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
-DEFAULT_METRICS = ("text_alignment", "fm_inter", "id_similarity")  # the columns of Table 3
+from mm_lightning.tracking import TAG_FINAL_STAGE, TAG_MATRIX, TAG_MATRIX_ID, TAG_ROLE, TAG_SEED, TAG_VARIANT
+
+TABLE3_METRICS = ("text_alignment", "fm_inter", "id_similarity")  # the columns of the paper's Table 3
+# Table 3's columns plus the identity-reliance probe (mm_lightning/reliance.py), which moves even
+# where the sampled metrics can't (tiny models' videos hold no detectable face).
+DEFAULT_METRICS = (*TABLE3_METRICS, "id_reliance")
 BASELINE = "full"
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}  # format -> artifact file extension
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
@@ -51,6 +56,7 @@ class TrainRun:
     status: str
     start_time: int
     metrics: dict[str, float]  # the final stage's eval metrics, by bare name
+    matrix: str | None = None  # mm.matrix: the matrix file's name (ablate --matrix), None for ad-hoc variants
 
 
 def fetch_train_runs(client: MlflowClient, experiment_name: str) -> tuple[str, list[TrainRun]]:
@@ -71,10 +77,10 @@ def fetch_train_runs(client: MlflowClient, experiment_name: str) -> tuple[str, l
 
 def _train_run(run) -> TrainRun | None:
     tags = run.data.tags
-    if not all(key in tags for key in ("mm.variant", "mm.seed", "mm.matrix_id")):
+    if not all(key in tags for key in (TAG_VARIANT, TAG_SEED, TAG_MATRIX_ID)):
         return None  # a training run outside any ablation matrix
     # Only the last stage's evaluation describes the trained model.
-    stage = tags.get("mm.final_stage")
+    stage = tags.get(TAG_FINAL_STAGE)
     prefix = f"eval/{stage}/"
     metrics = {
         key[len(prefix) :]: value
@@ -82,19 +88,28 @@ def _train_run(run) -> TrainRun | None:
         if stage and key.startswith(prefix)
     }
     return TrainRun(
-        variant=tags["mm.variant"],
-        seed=tags["mm.seed"],
-        matrix_id=tags["mm.matrix_id"],
+        variant=tags[TAG_VARIANT],
+        seed=tags[TAG_SEED],
+        matrix_id=tags[TAG_MATRIX_ID],
         status=run.info.status,
         start_time=run.info.start_time,
         metrics=metrics,
+        matrix=tags.get(TAG_MATRIX),
     )
 
 
-def select_matrix(runs: list[TrainRun], matrix_id: str | None = None) -> tuple[str, list[TrainRun]]:
-    """The runs of `matrix_id`, or of the matrix whose run started last."""
+def select_matrix(
+    runs: list[TrainRun], matrix_id: str | None = None, matrix_name: str | None = None
+) -> tuple[str, list[TrainRun]]:
+    """The runs of `matrix_id`, or of the matrix whose run started last (of matrix file
+    `matrix_name` when given)."""
     if not runs:
         raise LookupError("no training runs (tagged mm.role=train and mm.matrix_id) in this experiment")
+    if matrix_id is None and matrix_name is not None:
+        named = [run for run in runs if run.matrix == matrix_name]
+        if not named:
+            raise LookupError(f"no training runs of ablation matrix {matrix_name!r} (tag mm.matrix) in this experiment")
+        matrix_id = max(named, key=lambda run: run.start_time).matrix_id
     if matrix_id is None:
         matrix_id = max(runs, key=lambda run: run.start_time).matrix_id
     chosen = [run for run in runs if run.matrix_id == matrix_id]
@@ -133,6 +148,10 @@ class AblationTable:
     variants: tuple[str, ...]  # full first, then the paper's row order, then the rest by name
     cells: dict[tuple[str, str], Cell]  # (variant, metric) -> cell
     paper: dict[str, dict[str, float]]  # the paper's Table 3: variant -> metric -> value
+    labels: dict[str, str] = field(default_factory=dict)  # variant -> shown name (a matrix row's paper label)
+
+    def label(self, variant: str) -> str:
+        return self.labels.get(variant, variant)
 
     def delta(self, variant: str, metric: str) -> float | None:
         """The difference of means against full, None where either mean is missing."""
@@ -146,15 +165,21 @@ def aggregate(
     runs: list[TrainRun],
     metrics: tuple[str, ...],
     paper: dict[str, dict[str, float]],
+    order: list[str] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> AblationTable:
-    """One matrix's runs (oldest first) as the ablation table; `paper` is Table 3 of the yaml."""
+    """One matrix's runs (oldest first) as the ablation table; `paper` is Table 3 of the yaml.
+
+    `order` (a matrix file's row keys) lists those rows first, in that order, each one
+    shown even without runs; `labels` names them (the paper's row labels)."""
     finished: dict[tuple[str, str], TrainRun] = {}
     for run in runs:
         if run.status == "FINISHED":
             finished[run.variant, run.seed] = run  # a later rerun of a seed replaces the earlier
-    order = [BASELINE, *paper]
+    fixed = order is not None
+    order = list(order) if fixed else [BASELINE, *paper]
     variants = sorted(
-        {BASELINE, *(run.variant for run in runs)},
+        {BASELINE, *(run.variant for run in runs), *(order if fixed else ())},
         key=lambda v: (order.index(v) if v in order else len(order), v),
     )
     # Every seed of the matrix is expected of every variant, so a seed that some variant
@@ -167,7 +192,7 @@ def aggregate(
         unfinished = Counter(run.status for run in runs if run.variant == variant and run.status != "FINISHED")
         for metric in metrics:
             cells[variant, metric] = _cell(variant, metric, seeds, missing, unfinished)
-    return AblationTable(experiment, matrix_id, tuple(metrics), tuple(variants), cells, paper)
+    return AblationTable(experiment, matrix_id, tuple(metrics), tuple(variants), cells, paper, dict(labels or {}))
 
 
 def _cell(variant: str, metric: str, seeds: list[TrainRun], missing: list[str], unfinished: Counter) -> Cell:
@@ -247,7 +272,7 @@ def _grid(table: AblationTable, style: _Style, with_paper: bool):
         header += [style.escape(metric), style.delta] + (["paper"] if with_paper else [])
     rows = []
     for variant in table.variants:
-        row = [style.escape(variant)]
+        row = [style.escape(table.label(variant))]
         for metric in table.metrics:
             cell = table.cells[variant, metric]
             row.append(_format_cell(cell, style) + style.mark(notes.mark(cell.notes)))
@@ -344,7 +369,7 @@ def render_chart(table: AblationTable, with_paper: bool = False) -> Figure:
             paper = [table.paper.get(variant, {}).get(metric, math.nan) for variant in table.variants]
             ax.scatter(x, paper, marker="_", s=400, color="tab:red", zorder=3, label="paper")
         ax.set_title(metric)
-        ax.set_xticks(list(x), table.variants, rotation=30, ha="right")
+        ax.set_xticks(list(x), [table.label(v) for v in table.variants], rotation=30, ha="right")
         ax.set_xlim(-0.5, len(table.variants) - 0.5)  # NaN bars alone would not set it
     fig.axes[0].legend()
     fig.suptitle(f"{table.experiment}, matrix {table.matrix_id}: mean ± std over seeds")
@@ -355,7 +380,7 @@ def log_summary(client: MlflowClient, experiment_id: str, table: AblationTable, 
     """Logs every format and the chart as artifacts of a new summary run; returns its id."""
     run_id = client.create_run(
         experiment_id,
-        tags={"mm.role": "summary", "mm.matrix_id": table.matrix_id},
+        tags={TAG_ROLE: "summary", TAG_MATRIX_ID: table.matrix_id},
         run_name=f"ablation-table-{table.matrix_id}",
     ).info.run_id
     try:

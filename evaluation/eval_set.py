@@ -8,8 +8,10 @@ YAML (or JSON) layout, paths relative to the file:
         references: [refs/astronaut_0.jpg, refs/astronaut_1.jpg]
     prompts:                         # "{who}" becomes "a <class_word>"
       - "{who} walking along a beach at sunset"
-      - "{who} talking to the camera in a bright office"
+      - prompt: "{who} talking to the camera in a bright office"
+        negative_prompt: "blurry, low quality"   # this prompt's own negative prompt
     prompts_per_identity: 4          # the paper: each identity x 4 category-matched prompts
+    negative_prompt: "distorted face"  # optional: for prompts without their own; else sampling.negative_prompt
 
 Point `eval.eval_set` at your own file (e.g. PubFig-style identities + VBench prompts).
 Without one, the built-in demo set uses the demo dataset's packaged face photos.
@@ -28,6 +30,7 @@ class EvalItem:
     identity: str
     references: list[Path]
     prompt: str
+    negative_prompt: str | None = None  # None: the config's sampling.negative_prompt
 
 
 DEMO_PROMPTS = ["{who} talking to the camera in a bright office", "{who} walking along a beach at sunset"]
@@ -42,10 +45,16 @@ def load_eval_set(path: str | Path) -> list[EvalItem]:
     for identity in spec["identities"]:
         if not 1 <= len(identity["references"]) <= 4:
             raise ValueError(f"{path}: identity {identity['name']!r} needs 1-4 reference images, has {len(identity['references'])}")
+    default_negative = spec.get("negative_prompt")
+    prompts = [p if isinstance(p, dict) else {"prompt": p} for p in spec["prompts"][:per_identity]]
+    for p in prompts:
+        if "prompt" not in p:
+            raise ValueError(f"{path}: a prompt is a string or a mapping with 'prompt' and 'negative_prompt', got {p}")
     # Prompt-major order, so that eval.max_videos keeps as many identities as it can.
     return [
-        EvalItem(identity["name"], [path.parent / r for r in identity["references"]], prompt.format(who=f"a {identity['class_word']}"))
-        for prompt in spec["prompts"][:per_identity]
+        EvalItem(identity["name"], [path.parent / r for r in identity["references"]],
+                 p["prompt"].format(who=f"a {identity['class_word']}"), p.get("negative_prompt", default_negative))
+        for p in prompts
         for identity in spec["identities"]
     ]
 

@@ -11,35 +11,41 @@ import torch
 from evaluation.video_mean import VideoMean
 
 
-def frame_similarities(frame_embeddings: Sequence[np.ndarray | None], reference: np.ndarray) -> list[float | None]:
-    """s_i = cos(e_i, r) for each sampled frame i; None where no face was found in the frame.
+def frame_similarities(frame_embeddings: Sequence[np.ndarray | None], references: np.ndarray) -> list[float | None]:
+    """s_i = (1/R) sum_r cos(e_i, r_r) for each sampled frame i; None where no face was found in the frame.
 
-    r is the reference-set embedding: the L2-normalised mean of the reference faces' embeddings
-    (mm_lightning.faces.mean_identity_embedding).
+    references: [R, D] embeddings of the R reference images (a [D] vector counts as R = 1). The paper
+    (v2, Sec. 4.2): "the average similarity of a group of reference images with the same identity",
+    read as the mean of the per-reference cosines. It differs from the cosine to the mean embedding
+    when the references disagree: for orthogonal references the mean-embedding cosine of a frame
+    equal to one of them is 0.707, the mean of cosines 0.5.
     """
-    r = np.asarray(reference, dtype=np.float64)
-    r = r / np.linalg.norm(r)
-    return [None if e is None else float(np.dot(e, r) / np.linalg.norm(e)) for e in frame_embeddings]
+    refs = np.atleast_2d(np.asarray(references, dtype=np.float64))
+    refs = refs / np.linalg.norm(refs, axis=1, keepdims=True)
+    return [None if e is None else float(np.mean(refs @ e) / np.linalg.norm(e)) for e in frame_embeddings]
 
 
 class IDSimilarity(VideoMean):
     """Average ID similarity, per video then over videos.
 
-    For video v with sampled frames i = 1..K and s_i = cos(e_i, r) (`frame_similarities`):
-        ID_v = mean_i s_i
-    A frame without a face has no s_i. It scores `no_face_similarity` (default 0.0: the identity
-    was not preserved), or with None it is left out of the mean (a video with no face at all is then
-    undefined). Either way it is counted in `no_face_frames`; every sampled frame counts in
-    `frames_scored`. compute() -> {"id_similarity": mean_v ID_v, "no_face_frames", "frames_scored"}.
+    For video v with sampled frames i = 1..K, F_v the frames with a face, s_i from `frame_similarities`:
+        ID_v = mean_{i in F_v} s_i        (default, no_face_similarity=None: as ConsisID's evaluation)
+    A video with no face in any frame has no ID_v (NaN): it is left out of the mean over videos and
+    counted in `videos_without_face`, never scored 0. With no_face_similarity=0.0 (the "zero" policy)
+    a frame without a face scores 0 instead, and ID_v = mean over all K frames: one missed frame in 16
+    then costs ~0.06, more than the spread of the paper's Table 1 (0.896-0.923).
+    Either way missed frames are counted: compute() -> {"id_similarity": mean_v ID_v, "no_face_frames",
+    "frames_scored", "face_rate" = 1 - no_face_frames / frames_scored, "videos_without_face"}.
     """
 
     higher_is_better = True
 
-    def __init__(self, no_face_similarity: float | None = 0.0, **kwargs) -> None:
+    def __init__(self, no_face_similarity: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.no_face_similarity = no_face_similarity
         self.add_state("frames_scored", torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("no_face_frames", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("videos_without_face", torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, similarities: Sequence[float | None]) -> None:
         """similarities: one video's per-frame cosines, None for a frame without a face."""
@@ -47,8 +53,17 @@ class IDSimilarity(VideoMean):
         counted = [s for s in counted if s is not None]
         self.frames_scored += len(similarities)
         self.no_face_frames += sum(s is None for s in similarities)
+        self.videos_without_face += int(all(s is None for s in similarities))
         self._add_video(sum(counted) / len(counted) if counted else math.nan)
 
     def compute(self) -> dict[str, torch.Tensor]:
+        frames = self.frames_scored.double()
+        face_rate = 1 - self.no_face_frames / frames if frames > 0 else torch.tensor(math.nan, dtype=torch.float64)
         return {"id_similarity": super().compute(), "no_face_frames": self.no_face_frames,
-                "frames_scored": self.frames_scored}
+                "frames_scored": self.frames_scored, "face_rate": face_rate,
+                "videos_without_face": self.videos_without_face}
+
+
+def face_rate(similarities: Sequence[float | None]) -> float:
+    """Fraction of one video's sampled frames with a face; NaN for no frames."""
+    return sum(s is not None for s in similarities) / len(similarities) if similarities else math.nan

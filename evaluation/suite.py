@@ -11,11 +11,13 @@ import torch
 from evaluation.dynamic_degree import DynamicDegree
 from evaluation.facial_motion import FacialMotionInter, FacialMotionRef
 from evaluation.flow import build_flow
-from evaluation.id_similarity import IDSimilarity, frame_similarities
+from evaluation.id_similarity import IDSimilarity, face_rate, frame_similarities
+from evaluation.inception_score import FrameInceptionScore, inception_unavailable_reason
+from evaluation.motion_smoothness import MotionSmoothness
 from evaluation.sampling import uniform_indices
 from evaluation.similarity_decay import SimilarityDecay
 from evaluation.text_alignment import TextAlignment, clip_unavailable_reason
-from mm_lightning.faces import FaceAnalyzer, build_face_analyzer, mean_identity_embedding
+from mm_lightning.faces import FaceAnalyzer, build_face_analyzer
 
 
 @dataclass
@@ -24,14 +26,17 @@ class EvaluatorConfig:
     insightface_root: str | None = None
     insightface_model: str = "antelopev2"
     frames_sampled: int = 16  # uniformly sampled frames for the face metrics and text alignment
-    no_face_similarity: float | None = 0.0  # ID similarity of a frame without a face; None: skip it
+    # ID similarity of a frame without a face. None (default): the frame is left out of its video's mean
+    # (a video with no face at all has no value); 0.0: the "zero" policy. Missed frames are counted either way.
+    no_face_similarity: float | None = None
     fm_reduction: str = "sum"  # FM distance over the 5 landmarks: "sum" | "mean"
-    flow: str = "farneback"
-    # Flow on frames shrunk to this longest side (None: full size, as VBench). Magnitudes and the
-    # threshold shrink together, so the decision holds: on known translations of 480x720 texture the
-    # normalised top-5% magnitudes at 360 px agree with full size within 1%, at a quarter of the cost.
-    flow_max_side: int | None = 360
+    # "dis" (default: right VBench decision at 1-64 px/frame, benchmarks/flow_displacement.md),
+    # "farneback", or "raft" (torchvision's RAFT on the local weights file flow_weights, as VBench).
+    flow: str = "dis"
+    flow_weights: str | None = None
+    flow_max_side: int | None = None  # flow on frames shrunk to this longest side; None: full size, as VBench
     clip_path: str | None = None  # local CLIP folder; None: no text alignment
+    inception_weights: str | None = None  # torch-fidelity Inception-v3 weights file; None: no inception score
 
     @classmethod
     def from_mapping(cls, values: Mapping, **overrides) -> EvaluatorConfig:
@@ -44,7 +49,7 @@ class EvaluatorConfig:
 class Reference:
     """What the metrics need from the reference images, computed once per identity."""
 
-    embedding: np.ndarray  # L2-normalised mean identity embedding
+    embeddings: np.ndarray  # [R, D] one L2-normalised embedding per reference image (ID similarity)
     landmarks: list[tuple[np.ndarray, tuple[int, int]]]  # per image: 5-point landmarks [5, 2], (H, W)
 
 
@@ -65,10 +70,19 @@ class VideoEvaluator:
             "similarity_decay": SimilarityDecay(),
             "fm_ref": FacialMotionRef(c.fm_reduction),
             "fm_inter": FacialMotionInter(c.fm_reduction),
-            "dynamic_degree": DynamicDegree(build_flow(c.flow, c.flow_max_side)),
+            "fm_ref_face": FacialMotionRef(c.fm_reduction, normalise="face"),
+            "fm_inter_face": FacialMotionInter(c.fm_reduction, normalise="face"),
+            "dynamic_degree": DynamicDegree(flow := build_flow(c.flow, c.flow_max_side, c.flow_weights)),
+            "motion_smoothness": MotionSmoothness(flow),
         })
+        # Which CLIP scored text alignment (name and weights hash), for the run's tags; None when left out.
+        self.text_alignment_provenance = None
         if self.text_alignment_skipped is None:
             self.metrics["text_alignment"] = TextAlignment(c.clip_path)
+            self.text_alignment_provenance = self.metrics["text_alignment"].provenance
+        self.inception_score_skipped = inception_unavailable_reason(c.inception_weights)
+        if self.inception_score_skipped is None:
+            self.metrics["inception_score"] = FrameInceptionScore(c.inception_weights)
 
     def to(self, device: str | torch.device) -> VideoEvaluator:
         """Move metric states (and CLIP) to `device`; DDP with NCCL syncs only CUDA tensors."""
@@ -80,7 +94,7 @@ class VideoEvaluator:
         names = names or [f"reference image {i}" for i in range(len(images))]
         faces = [self.analyzer.require_face(img, name) for img, name in zip(images, names)]
         sizes = [img.shape[:2] for img in images]
-        return Reference(mean_identity_embedding(faces), [(f.landmarks, size) for f, size in zip(faces, sizes)])
+        return Reference(np.stack([f.embedding for f in faces]), [(f.landmarks, size) for f, size in zip(faces, sizes)])
 
     def score_video(self, frames: np.ndarray, fps: float, reference_images: Sequence[np.ndarray] | Reference,
                     prompt: str | None = None) -> dict:
@@ -89,7 +103,7 @@ class VideoEvaluator:
         ref = reference_images if isinstance(reference_images, Reference) else self.prepare_reference(reference_images)
         sampled = frames[uniform_indices(len(frames), self.config.frames_sampled)]
         faces = [self.analyzer.largest_face(frame) for frame in sampled]
-        sims = frame_similarities([None if f is None else f.embedding for f in faces], ref.embedding)
+        sims = frame_similarities([None if f is None else f.embedding for f in faces], ref.embeddings)
         landmarks = [None if f is None else f.landmarks for f in faces]
         size = frames.shape[1:3]
         # Calling a metric (forward) returns this video's value and adds it to the running state.
@@ -99,12 +113,18 @@ class VideoEvaluator:
             "similarity_decay": float(m["similarity_decay"](sims)),
             "fm_ref": float(m["fm_ref"](landmarks, size, ref.landmarks)),
             "fm_inter": float(m["fm_inter"](landmarks, size)),
+            "fm_ref_face": float(m["fm_ref_face"](landmarks, size, ref.landmarks)),
+            "fm_inter_face": float(m["fm_inter_face"](landmarks, size)),
             "dynamic_degree": float(m["dynamic_degree"](frames, fps)),
+            "motion_smoothness": float(m["motion_smoothness"](frames, fps)),
         }
         result["dynamic"] = result["dynamic_degree"] == 1.0
         if "text_alignment" in m and prompt:
             result["text_alignment"] = float(m["text_alignment"](sampled, prompt))
-        result.update(no_face_frames=sims.count(None), frames_scored=len(sims), per_frame_similarity=sims)
+        if "inception_score" in m:
+            m["inception_score"].update(sampled)  # a score of the whole set: no per-video value
+        result.update(no_face_frames=sims.count(None), frames_scored=len(sims), face_rate=face_rate(sims),
+                      per_frame_similarity=sims)
         return result
 
     def compute(self) -> dict[str, float]:

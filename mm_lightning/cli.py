@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from mm_lightning.quiet import quiet_third_party
+
 COMMANDS = {
     "describe": "print the resolved config and per-component parameter counts",
     "fit": "train an experiment through its curriculum (image pre-training, video fine-tuning)",
@@ -15,9 +17,12 @@ COMMANDS = {
     "ablate": "run the ablation matrix (variants x seeds), one MLflow run each",
     "table": "regenerate the ablation table from the MLflow store",
     "score": "score any videos with the paper's metrics (Table-1-style comparison)",
+    "prepare": "build a training set (metadata.jsonl) from a folder of raw clips and photos",
     "cache": "precompute VAE latents and T5 prompt embeddings for a dataset",
     "bench": "time the adapted model against the bare backbone (GPU benchmark)",
     "bench-metrics": "time the offline metrics on one 49-frame 480x720 video",
+    "snapshot": "write a random-weights snapshot of a profile (e.g. CogVideoX-5B) for checks without real weights",
+    "sync-run": "push what a tracking-store outage kept in a run folder to the store",
 }
 
 
@@ -28,18 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"mm_lightning.commands.{name.replace('-', '_')}")
         command = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command)
+        command.add_argument("--verbose", action="store_true",
+                             help="show third-party warnings, logs and weight-loading bars (hidden by default)")
         command.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .faces import NoFaceError
-    from .models.loading import MissingWeightsError
-
     args = build_parser().parse_args(argv)
+    with quiet_third_party(enabled=not args.verbose):  # before the imports below: some libraries warn on import
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mm_lightning.config import ConfigError
+    from mm_lightning.faces import NoFaceError
+    from mm_lightning.memory import TrainingOutOfMemoryError
+    from mm_lightning.models.loading import MissingWeightsError
+    from mm_lightning.tracking import TrackingStoreError
+
     try:
         return args.run(args)
-    except (ConfigError, MissingWeightsError, NoFaceError, FileNotFoundError) as err:
+    except (ConfigError, MissingWeightsError, NoFaceError, FileNotFoundError, TrainingOutOfMemoryError,
+            TrackingStoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -29,16 +32,21 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.entities import Param
-from mlflow.tracking import MlflowClient
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.progress import StageProgressBar
 
+from .config import ConfigError
 from .data.datamodule import MagicMirrorDataModule
 from .data.latent_cache import open_cache
+from .ema import ema_callbacks
+from .memory import out_of_memory_error
 from .module import MagicMirrorModule
-from .tracking import ensure_experiment, flatten_config, run_tags, tracking_uri, ui_command
+from .tracking import (RUN_DIR_ENV, RUN_LOCK_FILE, TAG_COMPLETED, TAG_ROLE, TAG_RUN_DIR, RunClient, ensure_experiment,
+                       flatten_config, open_store, run_tags, tracking_uri, ui_command)
 
 
 class RunState:
@@ -54,7 +62,94 @@ class RunState:
         tmp.replace(self.path)
 
 
-RUN_DIR_ENV = "MM_LIGHTNING_RUN_DIR"
+
+
+class ResumeError(Exception):
+    """A run cannot continue: its checkpoints are unreadable, or another fit holds its folder."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGINT outside Lightning's own handling (a BaseException, like KeyboardInterrupt)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Preempted(Exception):
+    """fit stopped by a signal after checkpointing; the MLflow run is KILLED and --resume continues it."""
+
+    def __init__(self, signum: int, stage: str | None, step: int, checkpoint: Path | None, run_dir: Path):
+        where = f"in stage {stage} at step {step}" if stage else "before training"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}"
+                         + (f"; checkpoint {checkpoint}" if checkpoint else ""))
+        self.signum, self.stage, self.step, self.checkpoint, self.run_dir = signum, stage, step, checkpoint, run_dir
+
+
+class StopSignals:
+    """SIGTERM (what schedulers send before a kill) and SIGINT stop fit cleanly.
+
+    Inside `trainer.fit` Lightning handles SIGTERM itself: it finishes the batch, writes
+    on_exception.ckpt and raises SIGTERMException (it calls this handler too). Anywhere else,
+    and for SIGINT, the handler raises Interrupted at once; Lightning's exception path still
+    writes on_exception.ckpt when that happens inside a stage."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.stage: str | None = None
+        self.trainer: L.Trainer | None = None
+        self.in_trainer = False
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None and not self.in_trainer:
+            return  # already stopping: a second signal must not cut the checkpoint or the status update short
+        self.received = signum
+        # Lightning composes this handler into its own once a stage's loop starts; before
+        # that (data and model set-up), or for SIGINT, nothing is lost by stopping at once.
+        lightning_handles_it = signum == signal.SIGTERM and self.in_trainer and signal.getsignal(signum) != self._handle
+        if not lightning_handles_it:
+            raise Interrupted(signum)
+
+    def stage_started(self, stage: str) -> None:
+        """Between stages: a signal that came during the last stage's evaluation stops fit here."""
+        self.stage, self.trainer = stage, None
+        if self.received:
+            raise Interrupted(self.received)
+
+    @contextmanager
+    def training(self, trainer: L.Trainer):
+        """Around trainer.fit: SIGTERM is Lightning's to handle."""
+        self.trainer, self.in_trainer = trainer, True
+        try:
+            yield
+        finally:
+            self.in_trainer = False
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger on fit's RunClient (so a store outage never stops training).
+
+    fit sets the run's status itself: KILLED on a signal, FAILED on an error, FINISHED after the
+    last stage, so the logger's own end-of-stage status update is left out."""
+
+    def __init__(self, client: RunClient, run_id: str):
+        super().__init__(tracking_uri=client.tracking_uri, run_id=run_id)
+        self._run_client = client
+
+    @property
+    def experiment(self) -> RunClient:
+        return self._run_client
+
+    def finalize(self, status: str = "success") -> None:
+        pass
 
 
 def _run_dir(cfg: DictConfig, resume: bool) -> Path:
@@ -98,13 +193,26 @@ def _wait_for_run_id(state: RunState, timeout_s: float = 600) -> str:
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The checkpoint with the most steps among last.ckpt and on_exception.ckpt."""
-    best, best_step = None, -1
-    for path in (ckpt_dir / "last.ckpt", ckpt_dir / "on_exception.ckpt"):
-        if path.exists():
-            step = torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0)
-            if step > best_step:
-                best, best_step = path, step
+    """The readable checkpoint with the most steps: last.ckpt, on_exception.ckpt or a kept step=N.ckpt.
+
+    A truncated or corrupt file is named on stderr and passed over, so resuming falls back to
+    the previous good checkpoint; when none is readable, ResumeError names the corrupt ones."""
+    best, best_step, corrupt = None, -1, []
+    for path in sorted(ckpt_dir.glob("*.ckpt")):
+        if path.name == "final.ckpt":
+            continue
+        try:  # mmap: reads the header and global_step, not the tensors
+            step = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
+        except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+            corrupt.append(f"{path} ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+            print(f"warning: checkpoint {path} is unreadable (truncated or corrupt), passed over", file=sys.stderr)
+            continue
+        if step > best_step:
+            best, best_step = path, step
+    if best is None and corrupt:
+        raise ResumeError(f"cannot resume: no readable checkpoint in {ckpt_dir}; corrupt: {'; '.join(corrupt)}")
+    if best is not None and corrupt:
+        print(f"resuming from the previous good checkpoint {best} (step {best_step})", file=sys.stderr)
     return best
 
 
@@ -123,9 +231,31 @@ def build_datamodule(cfg: DictConfig, stage: str, clip_image_size: int, use_cach
     )
 
 
+def frozen_models_needed(cfg: DictConfig) -> dict[str, bool]:
+    """Whether fit must load T5 and the VAE: not when every stage trains from its latent cache,
+    unless evaluation samples videos (both) or the identity loss decodes frames (the VAE)."""
+    cached = cfg.data.use_cache and all(open_cache(cfg, stage) is not None for stage in cfg.curriculum.order)
+    return {"text_encoder": not cached or cfg.eval.enabled,
+            "vae": not cached or cfg.eval.enabled or cfg.loss.identity_weight > 0}
+
+
+def gradient_accumulation(stage_cfg: DictConfig, world_size: int, stage: str) -> int:
+    """Micro-batches per optimizer step: global_batch = batch_size x accumulation x world_size."""
+    if stage_cfg.global_batch is None:
+        return stage_cfg.accumulate_grad_batches
+    per_step = stage_cfg.batch_size * world_size
+    if stage_cfg.global_batch % per_step:
+        raise ConfigError(
+            f"curriculum.stages.{stage}: global_batch {stage_cfg.global_batch} cannot be met with batch_size "
+            f"{stage_cfg.batch_size} on {world_size} device(s): it must be a multiple of {per_step}; "
+            f"change curriculum.stages.{stage}.batch_size or .global_batch"
+        )
+    return stage_cfg.global_batch // per_step
+
+
 def build_trainer(cfg: DictConfig, stage: str, logger, callbacks: list, run_dir: Path) -> L.Trainer:
     s, t = cfg.curriculum.stages[stage], cfg.trainer
-    return L.Trainer(
+    trainer = L.Trainer(
         max_steps=s.max_steps,
         accumulate_grad_batches=s.accumulate_grad_batches,
         accelerator=t.accelerator,
@@ -143,6 +273,9 @@ def build_trainer(cfg: DictConfig, stage: str, logger, callbacks: list, run_dir:
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
+    # Only the built trainer knows the world size ("auto" devices, nodes); nothing has run yet.
+    trainer.accumulate_grad_batches = gradient_accumulation(s, trainer.world_size, stage)
+    return trainer
 
 
 def strategy(cfg: DictConfig):
@@ -169,57 +302,98 @@ def fit(cfg: DictConfig, resume: bool = False, tags: dict[str, str] | None = Non
     """Trains every stage of the curriculum; returns the MLflow run id."""
     # The frozen backbone, VAE, T5 and CLIP stay in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    uri = tracking_uri(cfg)
+    open_store(uri)  # an unusable store stops fit here, before any training
     L.seed_everything(cfg.seed, workers=True)
     run_dir = _run_dir(cfg, resume)
     inherited = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())  # for the processes Lightning launches
+    lock = FileLock(run_dir / RUN_LOCK_FILE)
     try:
-        return _fit_stages(cfg, run_dir, resume, tags)
-    finally:  # ablate calls fit again in this process, for another run
+        if rank_zero_only.rank == 0:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise ResumeError(f"run folder {run_dir} is in use by another running fit") from None
+        with StopSignals() as stop:
+            try:
+                return _fit_stages(cfg, run_dir, resume, tags, stop)
+            except (Interrupted, SIGTERMException) as err:
+                signum = err.signum if isinstance(err, Interrupted) else signal.SIGTERM
+                trainer = stop.trainer
+                ckpt = _latest_checkpoint(run_dir / "checkpoints" / stop.stage) if stop.stage else None
+                step = trainer.global_step if trainer else 0
+                _mark_run(uri, run_dir, "KILLED")
+                raise Preempted(signum, stop.stage, step, ckpt, run_dir) from None
+            except Exception:
+                _mark_run(uri, run_dir, "FAILED")
+                raise
+    finally:  # fit may run again in this process, for another run
+        lock.release()
         if inherited is None:
             del os.environ[RUN_DIR_ENV]
 
 
-def _fit_stages(cfg: DictConfig, run_dir: Path, resume: bool, tags: dict[str, str] | None) -> str:
+def _mark_run(uri: str, run_dir: Path, status: str) -> None:
+    """Ends the run's MLflow run with `status` (rank 0; nothing when the run was never created)."""
+    run_id = RunState(run_dir).data["mlflow_run_id"]
+    if rank_zero_only.rank == 0 and run_id:
+        RunClient(uri, run_dir).set_terminated(run_id, status)
+
+
+def _fit_stages(cfg: DictConfig, run_dir: Path, resume: bool, tags: dict[str, str] | None, stop: StopSignals) -> str:
     state = RunState(run_dir)
     rank_zero = rank_zero_only.rank == 0  # the other ranks train; they log and write nothing
     uri = tracking_uri(cfg)
-    client = MlflowClient(uri)
+    client = RunClient(uri, run_dir)
     if not rank_zero:
         state.data["mlflow_run_id"] = _wait_for_run_id(state)
     elif state.data["mlflow_run_id"] is None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         experiment_id = ensure_experiment(client, cfg.tracking.experiment_name, uri)
-        run = client.create_run(experiment_id, tags={**run_tags(cfg), "mm.role": "train", **(tags or {})})
+        run = client.create_run(experiment_id, tags={**run_tags(cfg), TAG_ROLE: "train", **(tags or {})})
         params = list(flatten_config(cfg).items())
         for i in range(0, len(params), 100):
             client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params[i : i + 100]])
         client.log_artifact(run.info.run_id, str(run_dir / "config.yaml"))
-        client.set_tag(run.info.run_id, "mm.run_dir", str(run_dir.resolve()))
+        client.set_tag(run.info.run_id, TAG_RUN_DIR, str(run_dir.resolve()))
         state.data["mlflow_run_id"] = run.info.run_id
+        state.data["tracking_uri"] = uri  # where sync-run pushes what an outage kept back
         state.save()
+    else:  # resumed: a KILLED (or FAILED) run is running again
+        client.update_run(state.data["mlflow_run_id"], status="RUNNING")
     run_id = state.data["mlflow_run_id"]
 
-    module = MagicMirrorModule(cfg, stage=cfg.curriculum.order[0])
+    module = MagicMirrorModule(cfg, stage=cfg.curriculum.order[0], **frozen_models_needed(cfg))
     for stage in cfg.curriculum.order:
         ckpt_dir = run_dir / "checkpoints" / stage
+        stop.stage_started(stage)
         if stage in state.data["finished_stages"]:
             module.load_trainable(torch.load(ckpt_dir / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"])
             continue
         module.set_stage(stage)
         datamodule = build_datamodule(cfg, stage, module.transformer.face_encoder.clip_image_size)
         callbacks = [
-            ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=cfg.trainer.checkpoint_every_n_steps),
+            # The newest keep_checkpoints step=N.ckpt files; last.ckpt links to the newest, so a
+            # corrupt one leaves the previous to resume from.
+            ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", monitor="step", mode="max", save_last="link",
+                            save_top_k=cfg.trainer.keep_checkpoints,
+                            every_n_train_steps=cfg.trainer.checkpoint_every_n_steps),
             OnExceptionCheckpoint(dirpath=ckpt_dir),
             StageProgressBar(stage),
+            *ema_callbacks(cfg),  # before evaluation: an eval at step N sees the EMA updated at N
             *stage_callbacks(cfg, stage),
         ]
-        logger = MLFlowLogger(experiment_name=cfg.tracking.experiment_name, tracking_uri=uri, run_id=run_id)
+        logger = RunLogger(client, run_id)
         trainer = build_trainer(cfg, stage, logger, callbacks, run_dir)
         ckpt_path = _latest_checkpoint(ckpt_dir) if resume else None
-        trainer.fit(module, datamodule=datamodule, **({"ckpt_path": ckpt_path} if ckpt_path else {}))
-        if trainer.interrupted:
-            raise KeyboardInterrupt(f"stage {stage} interrupted; continue with --resume")
+        if ckpt_path and rank_zero:
+            print(f"resuming stage {stage} from {ckpt_path}", flush=True)
+        try:
+            with stop.training(trainer):
+                trainer.fit(module, datamodule=datamodule, **({"ckpt_path": ckpt_path} if ckpt_path else {}))
+        except torch.cuda.OutOfMemoryError as err:  # last.ckpt / on_exception.ckpt stay for --resume
+            raise out_of_memory_error(cfg, stage, err) from None
         trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=True)  # every rank joins; rank 0 writes
         state.data["finished_stages"].append(stage)
         if not rank_zero:
@@ -227,17 +401,18 @@ def _fit_stages(cfg: DictConfig, run_dir: Path, resume: bool, tags: dict[str, st
         for reason, count in datamodule.skipped.items():
             client.log_metric(run_id, f"data/{stage}/skipped/{reason}", count)
         state.save()
-        # Lightning's MLFlowLogger marks the run FINISHED after every trainer.fit; only the
-        # last stage may leave it so (ablate and table count FINISHED runs as complete).
-        client.update_run(run_id, status="RUNNING")
 
     final = run_dir / "checkpoints" / cfg.curriculum.order[-1] / "final.ckpt"
     if not rank_zero:
         return run_id
     client.log_artifact(run_id, str(final), artifact_path="checkpoint")
-    client.set_tag(run_id, "mm.completed", "true")
+    client.set_tag(run_id, TAG_COMPLETED, "true")
     client.set_terminated(run_id, "FINISHED")
-    print(f"\nfinished {cfg.experiment}: checkpoint {final}\nMLflow run {run_id}; browse it with:\n  {ui_command(uri)}")
+    if client.unlogged:
+        print(f"the tracking store missed {client.unlogged} calls; push them with: "
+              f"python -m mm_lightning sync-run {run_dir}", file=sys.stderr)
+    print(f"\nfinished {cfg.experiment}: checkpoint {final}\n"
+          f"MLflow run {run_id}; browse it with:\n  {ui_command(uri, run_id)}")
     return run_id
 
 

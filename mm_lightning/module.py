@@ -18,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
 from .config import config_from_checkpoint, load_config
+from .ema import find_ema
 from .faces import differentiable_embedder
-from .models.loading import Components, load_components
+from .faces.crops import aligned_face_crops
+from .models.loading import Components, frozen_dtype, load_components
 from .models.magicmirror import compile_blocks
 from .pipeline import build_pipeline
 from .text import identity_token_mask
@@ -30,12 +32,13 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class MagicMirrorModule(L.LightningModule):
-    def __init__(self, cfg: DictConfig, stage: str):
+    def __init__(self, cfg: DictConfig, stage: str, text_encoder: bool = True, vae: bool = True):
+        """text_encoder / vae=False: T5 / the VAE are not loaded (fit, when caches cover every use)."""
         super().__init__()
         self.cfg = cfg
         self.stage = stage
         self.strict_loading = False  # checkpoints hold only the trainable weights
-        components = load_components(cfg)
+        components = load_components(cfg, text_encoder=text_encoder, vae=vae)
         self.transformer = components.transformer
         self.text_encoder = components.text_encoder
         self.vae = components.vae
@@ -46,24 +49,32 @@ class MagicMirrorModule(L.LightningModule):
         self.arcface = None
         if cfg.loss.identity_weight > 0:
             self.arcface = differentiable_embedder(cfg.faces.backend, cfg.faces.insightface_root, cfg.faces.insightface_model)
+            self.arcface.to(frozen_dtype(cfg))
         self.transformer.gradient_checkpointing = cfg.trainer.gradient_checkpointing
         if cfg.trainer.compile_blocks:
             compile_blocks(self.transformer.base.transformer_blocks)
 
     @classmethod
     def from_checkpoint(cls, path: str, overrides: list[str] = (), experiment: str | None = None,
-                        profile: str = "tiny") -> MagicMirrorModule:
+                        profile: str = "tiny", raw_weights: bool = False, to_device: bool = True) -> MagicMirrorModule:
         """A trained model for inference: the config stored in the checkpoint (or the named
-        experiment's), the frozen weights from their local folders, the trained weights from the file."""
+        experiment's), the frozen weights from their local folders, the trained weights from the file:
+        its EMA weights when it has them (ema.enabled), unless `raw_weights`. `loaded_weights` says which.
+        `to_device=False` leaves the module on the CPU (for diffusers' CPU offloading)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path} (fit writes <run>/checkpoints/<stage>/final.ckpt)")
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         cfg = load_config(experiment, profile, overrides) if experiment else config_from_checkpoint(checkpoint, overrides)
         module = cls(cfg, stage=checkpoint.get("mm_stage", cfg.curriculum.order[-1]))
-        module.load_trainable(checkpoint["state_dict"])
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.type == "cuda" and cfg.trainer.precision.startswith("bf16") else torch.float32
-        return module.to(device=device, dtype=dtype).eval()
+        use_ema = "ema_state_dict" in checkpoint and not raw_weights
+        module.load_trainable(checkpoint["ema_state_dict" if use_ema else "state_dict"])
+        module.loaded_weights = f"EMA ({checkpoint['ema_updates']} updates)" if use_ema else "raw"
+        cuda = torch.cuda.is_available()
+        dtype = torch.bfloat16 if cuda and cfg.trainer.precision.startswith("bf16") else torch.float32
+        module.to(dtype=dtype)
+        if to_device and cuda:
+            module.to("cuda")
+        return module.eval()
 
     @property
     def stage_cfg(self) -> DictConfig:
@@ -91,6 +102,7 @@ class MagicMirrorModule(L.LightningModule):
             video = batch["pixels"].to(self.vae.dtype).permute(0, 2, 1, 3, 4)  # [B, 3, F, H, W]
             latents = self.vae.encode(video).latent_dist.sample() * self.vae.config.scaling_factor
             latents = latents.permute(0, 2, 1, 3, 4)  # [B, F', C, h, w]
+        latents = pad_to_temporal_patch(latents, self.transformer.config.patch_size_t)
         if "prompt_embeds" in batch:
             prompt_embeds = batch["prompt_embeds"]
         else:
@@ -119,15 +131,7 @@ class MagicMirrorModule(L.LightningModule):
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         num_t = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_t, (batch_size,), generator=generator, device=latents.device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        model_output = self.transformer(
-            noisy, enc["prompt_embeds"], timesteps, image_rotary_emb=self.rotary(latents), face=face
-        )[0]
-        x0_pred = self.scheduler.get_velocity(model_output, noisy, timesteps)  # v-prediction -> x0 estimate
-
-        alphas_cumprod = self.scheduler.alphas_cumprod.to(latents.device)[timesteps]
-        weights = (1 / (1 - alphas_cumprod)).view(batch_size, 1, 1, 1, 1)
-        error = weights * (x0_pred.float() - latents) ** 2  # [B, F', C, h, w]
+        x0_pred, error = self.denoising_error(latents, enc["prompt_embeds"], face, noise, timesteps)
 
         # Face-region loss: for a share of the samples only the (latent-size) face mask counts.
         face_mask = F.adaptive_max_pool3d(batch["face_mask"].transpose(1, 2).float(), latents.shape[1:2] + latents.shape[-2:])
@@ -139,25 +143,45 @@ class MagicMirrorModule(L.LightningModule):
         losses = {"diffusion": diffusion, "face_region_share": use_face.float().mean()}
         loss = diffusion
         if self.arcface is not None:
-            losses["identity"] = self.identity_loss(x0_pred, batch)
+            losses["identity"] = self.identity_loss(x0_pred, batch, timesteps)
             loss = loss + self.cfg.loss.identity_weight * losses["identity"]
         losses["loss"] = loss
         return losses
 
-    def identity_loss(self, x0_pred: torch.Tensor, batch: dict) -> torch.Tensor:
-        """1 - cos(ArcFace(reference), ArcFace(decode(x0_hat))) on the first `identity_frames` latent frames.
+    def denoising_error(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, face, noise: torch.Tensor,
+                        timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The x0 estimate and the weighted squared error [B, F', C, h, w] for given noise and timesteps
+        (the training loss draws them; the identity-reliance probe fixes them)."""
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        rotary = self.rotary(latents)
+        model_output = self.transformer(noisy, prompt_embeds, timesteps, image_rotary_emb=rotary, face=face)[0]
+        x0_pred = self.scheduler.get_velocity(model_output, noisy, timesteps)  # v-prediction -> x0 estimate
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(latents.device)[timesteps]
+        weights = (1 / (1 - alphas_cumprod)).view(-1, 1, 1, 1, 1)
+        return x0_pred, weights * (x0_pred.float() - latents) ** 2
 
-        Only those latent frames are decoded: decoding is the costly part. Latent frame k of
-        CogVideoX's causal VAE maps to video frame 4k (frame 0 for k=0)."""
+    def identity_loss(self, x0_pred: torch.Tensor, batch: dict, timesteps: torch.Tensor) -> torch.Tensor:
+        """1 - cos(ArcFace(reference), ArcFace(decode(x0_hat))) on the first `identity_frames` latent frames,
+        over the samples whose timestep is below loss.identity_max_timestep (0 when none is).
+
+        Near t = T the x0 estimate is mostly noise and its "face" says nothing about identity.
+        Only the chosen latent frames of the chosen samples are decoded: decoding is the costly
+        part. Latent frame k of CogVideoX's causal VAE maps to video frame 4k (frame 0 for k=0).
+        Each crop is ArcFace-aligned by the similarity transform of the frame's cached landmarks."""
+        keep = timesteps < self.cfg.loss.identity_max_timestep
+        if not keep.any():
+            return x0_pred.new_zeros(())
         n = min(self.cfg.loss.identity_frames, x0_pred.shape[1])
-        latents = x0_pred[:, :n].permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor  # [B, C, n, h, w]
-        frames = self.vae.decode(latents.to(self.vae.dtype)).sample  # [B, 3, T, H, W] in [-1, 1]
+        latents = x0_pred[keep, :n].permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor  # [b, C, n, h, w]
+        frames = self.vae.decode(latents.to(self.vae.dtype)).sample  # [b, 3, T, H, W] in [-1, 1]
         step = self.pipe.vae_scale_factor_temporal
-        picks = [min(k * step, frames.shape[2] - 1) for k in range(n)]
+        landmarks = batch["face_landmarks"][keep]  # [b, F, 5, 2] training-frame pixels
+        reference = batch["id_embedding"][keep].float()
         sims = []
-        for k, t in enumerate(picks):
-            crops = crop_boxes(frames[:, :, t].float(), batch["face_boxes"][:, min(4 * k, batch["face_boxes"].shape[1] - 1)], 112)
-            sims.append(F.cosine_similarity(self.arcface(crops), batch["id_embedding"].float(), dim=-1))
+        for k in range(n):
+            t = min(k * step, frames.shape[2] - 1)
+            crops = aligned_face_crops(frames[:, :, t].float(), landmarks[:, min(t, landmarks.shape[1] - 1)])
+            sims.append(F.cosine_similarity(self.arcface(crops), reference, dim=-1))
         return (1 - torch.stack(sims)).mean()
 
     def training_step(self, batch: dict | None, batch_idx: int):
@@ -200,6 +224,10 @@ class MagicMirrorModule(L.LightningModule):
         checkpoint["state_dict"] = {f"transformer.{k}": v for k, v in self.transformer.trainable_state_dict().items()}
         checkpoint["mm_stage"] = self.stage
         checkpoint["mm_config"] = OmegaConf.to_container(self.cfg, resolve=True)  # generate/evaluate rebuild from it
+        ema = find_ema(self.trainer)  # here, not in the callback: weights-only saves (final.ckpt) skip callbacks
+        if ema is not None and ema.updated:
+            checkpoint["ema_state_dict"] = ema.averaged_state_dict()  # same keys as state_dict
+            checkpoint["ema_updates"] = ema.updates
 
     def load_trainable(self, state_dict: dict) -> None:
         prefix = "transformer."
@@ -210,13 +238,9 @@ class MagicMirrorModule(L.LightningModule):
         self.transformer.load_state_dict(weights, strict=False)
 
 
-def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Differentiable square-ish crops: images [B, 3, H, W], boxes [B, 4] normalised x1,y1,x2,y2 -> [B, 3, size, size]."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    theta = torch.zeros(images.shape[0], 2, 3, device=images.device, dtype=images.dtype)
-    theta[:, 0, 0] = x2 - x1
-    theta[:, 1, 1] = y2 - y1
-    theta[:, 0, 2] = x1 + x2 - 1
-    theta[:, 1, 2] = y1 + y2 - 1
-    grid = F.affine_grid(theta, [images.shape[0], 3, size, size], align_corners=False)
-    return F.grid_sample(images, grid, align_corners=False)
+def pad_to_temporal_patch(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
+    """CogVideoX 1.5 patches 2 latent frames together: its own fine-tuning recipe pads the latent
+    frames [B, F', C, h, w] to a multiple of patch_size_t by repeating the first one in front
+    (at sampling, diffusers' pipeline pads likewise and drops the padding before decoding)."""
+    extra = (-latents.shape[1]) % patch_size_t if patch_size_t else 0
+    return torch.cat([latents[:, :1].expand(-1, extra, -1, -1, -1), latents], dim=1) if extra else latents

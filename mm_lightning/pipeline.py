@@ -13,6 +13,7 @@ from diffusers import CogVideoXPipeline
 from omegaconf import DictConfig
 
 from .faces import FaceAnalyzer, face_crop, mean_identity_embedding
+from .models.face_encoder import FaceConditioning
 from .models.loading import Components, sampling_scheduler
 from .text import identity_token_mask
 
@@ -30,6 +31,28 @@ def build_pipeline(components: Components, scheduler: str | None = None) -> CogV
     return pipe
 
 
+def offload(pipe: CogVideoXPipeline, mode: str, device: str | None = None) -> None:
+    """diffusers' own CPU offloading (accelerate hooks); `device` None: the accelerator diffusers finds.
+
+    model: one whole model (T5, transformer, VAE) on the GPU at a time; sequential: one layer at a
+    time (least memory, slowest). Weights must be on the CPU before (from_checkpoint(to_device=False))."""
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif mode != "none":
+        raise ValueError(f"offload mode must be none, model or sequential, got {mode!r}")
+
+
+def quantize_int8(pipe: CogVideoXPipeline) -> None:
+    """torchao int8 weight-only quantisation of every linear layer of T5 and the adapted transformer
+    (as CogVideoX's own quantised inference does; the VAE is convolutions and stays as it is)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    for model in (pipe.text_encoder, pipe.transformer):
+        quantize_(model, Int8WeightOnlyConfig())
+
+
 def reference_inputs(analyzer: FaceAnalyzer, images: list[np.ndarray], clip_size: int, names: list[str] | None = None):
     """Reference photos -> (ref_pixels [R, 3, S, S] in [0, 1], id embedding [D]).
 
@@ -42,6 +65,22 @@ def reference_inputs(analyzer: FaceAnalyzer, images: list[np.ndarray], clip_size
     return ref_pixels, torch.from_numpy(mean_identity_embedding(faces)).float()
 
 
+def encode_face(pipe: CogVideoXPipeline, ref_pixels: torch.Tensor, id_embedding: torch.Tensor,
+                mask: torch.Tensor) -> FaceConditioning:
+    """Face conditioning on the pipeline's execution device, with or without diffusers' CPU offloading.
+
+    Model offload keeps the transformer (the face encoder is part of it) on the CPU until its
+    forward is called: encode where its weights are, then move the result. Sequential offload
+    leaves the weights on the meta device and accelerate's hooks bring each layer to the GPU."""
+    transformer, target = pipe.transformer, pipe._execution_device
+    weights = next(transformer.face_encoder.parameters()).device
+    run_on = target if weights.type == "meta" else weights
+    dtype = transformer.dtype
+    face = transformer.encode_face(ref_pixels.to(run_on, dtype), id_embedding.to(run_on, dtype), mask.to(run_on))
+    moved = [None if t is None else t.to(target) for t in (face.x_id, face.x_face, face.identity_mask)]
+    return FaceConditioning(*moved)
+
+
 @torch.no_grad()
 def sample_video(
     pipe: CogVideoXPipeline,
@@ -50,17 +89,19 @@ def sample_video(
     ref_pixels: torch.Tensor,  # [R, 3, S, S]
     id_embedding: torch.Tensor,  # [D]
     seed: int,
+    negative_prompt: str | None = None,
 ) -> np.ndarray:
-    """One video, uint8 [T, H, W, 3]."""
-    s, device = cfg.sampling, pipe.transformer.device
+    """One video, uint8 [T, H, W, 3].
+
+    Under classifier-free guidance the unconditional branch encodes `negative_prompt`
+    (None: `sampling.negative_prompt`); it carries no identity tokens, and keeps x_face and CAN's
+    x_id residual as sampling.guidance_uncond_face / guidance_uncond_id say."""
+    s = cfg.sampling
     max_len = pipe.transformer.config.max_text_seq_length
     mask = identity_token_mask(pipe.tokenizer, [prompt], cfg.model.identity_words, cfg.model.trigger_word, max_len)
-    dtype = pipe.transformer.dtype
-    face = pipe.transformer.encode_face(
-        ref_pixels.unsqueeze(0).to(device, dtype), id_embedding.unsqueeze(0).to(device, dtype), mask.to(device)
-    )
+    face = encode_face(pipe, ref_pixels.unsqueeze(0), id_embedding.unsqueeze(0), mask)
     if s.guidance_scale > 1.0:
-        face = face.for_guidance()
+        face = face.for_guidance(s.guidance_uncond_face, s.guidance_uncond_id)
     # Slicing/tiling are decode-time memory savers; switched off again afterwards because
     # the VAE is shared with training, whose encoder must not run tiled.
     if s.vae_slicing:
@@ -70,7 +111,7 @@ def sample_video(
     try:
         frames = pipe(
             prompt=prompt,
-            negative_prompt=s.negative_prompt,
+            negative_prompt=s.negative_prompt if negative_prompt is None else negative_prompt,
             num_frames=s.num_frames,
             height=s.height,
             width=s.width,

@@ -1,104 +1,32 @@
-"""The ablation runner, with a fake `fit` that logs to a tmp sqlite MLflow store."""
+"""ablate: pairs from YAMLs or a matrix file, the SLURM job script, each pair's state from the
+tracking store, and a real matrix through submitit with one pair SIGKILLed mid-run."""
 
 import argparse
+import os
 import re
+import signal
+import subprocess
 import sys
-import types
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+from filelock import FileLock
 from mlflow import MlflowClient
 
+from mm_lightning.ablation_matrix import load_matrix
 from mm_lightning.commands import ablate
-from mm_lightning.commands import table as table_command
-from mm_lightning.config import EXPERIMENTS_DIR
-from mm_lightning.tracking import ensure_experiment, tracking_uri
+from mm_lightning.config import load_config
+from mm_lightning.tracking import RUN_LOCK_FILE, ensure_experiment, open_store
+
+REPO = Path(__file__).resolve().parent.parent
 
 
-class FakeFit:
-    """Logs a run as `fit` would; raises for the pairs in `failing`, leaving a FAILED run."""
-
-    def __init__(self):
-        self.calls = []
-        self.failing = set()
-
-    def __call__(self, cfg, resume=False, tags=None):
-        self.calls.append((cfg, resume, tags))
-        uri = tracking_uri(cfg)
-        client = MlflowClient(uri)
-        experiment_id = ensure_experiment(client, cfg.tracking.experiment_name, uri)
-        run_id = client.create_run(experiment_id, tags={**tags, "mm.final_stage": "video_finetune"}).info.run_id
-        if (tags["mm.variant"], cfg.seed) in self.failing:
-            client.set_terminated(run_id, "FAILED")
-            raise RuntimeError("CUDA out of memory")
-        client.log_metric(run_id, "eval/video_finetune/id_similarity", 0.9 + cfg.seed / 100)
-        client.set_terminated(run_id)
-        return run_id
-
-
-@pytest.fixture
-def fake_fit(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # the runs' output folders and artifacts land in tmp
-    fit = FakeFit()
-    # Stands in for the whole module, so the test never imports torch and Lightning.
-    monkeypatch.setitem(sys.modules, "mm_lightning.curriculum", types.SimpleNamespace(fit=fit))
-    return fit
-
-
-def _args(*argv, command=ablate):
+def _args(*argv):
     parser = argparse.ArgumentParser()
-    command.add_arguments(parser)
+    ablate.add_arguments(parser)
     return parser.parse_args(argv)
-
-
-def test_failure_is_reported_and_rerun_skips_finished_pairs(fake_fit, tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = _args("--experiments", "full,no_can", "--seeds", "2", f"tracking.tracking_uri={uri}")
-    matrix = ablate.matrix_id("tiny", [f"tracking.tracking_uri={uri}"], [0, 1], ["full", "no_can"])
-    fake_fit.failing = {("no_can", 1)}
-
-    assert ablate.run(args) == 1
-    out = capsys.readouterr().out
-    assert re.search(r"^\[1/4\] full seed=0 \.\.\. done in \d+s$", out, re.M)
-    assert "[4/4] no_can seed=1 ... FAILED: RuntimeError: CUDA out of memory" in out
-    assert "1 of 4 pairs FAILED" in out and "  no_can seed=1: RuntimeError: CUDA out of memory" in out
-    table = f"python -m mm_lightning table --mlflow-experiment ablation --matrix-id {matrix} --tracking-uri {uri}"
-    assert table in out
-    cfg, resume, tags = fake_fit.calls[0]
-    assert (cfg.seed, cfg.tracking.experiment_name, resume) == (0, "ablation", False)
-    assert tags == {"mm.variant": "full", "mm.seed": "0", "mm.matrix_id": matrix, "mm.role": "train"}
-    assert Path(cfg.output_dir) == Path("runs/full") / matrix / "seed0"
-
-    fake_fit.failing = set()
-    fake_fit.calls.clear()
-    assert ablate.run(args) == 0
-    out = capsys.readouterr().out
-    for line in ("[1/4] full seed=0", "[2/4] full seed=1", "[3/4] no_can seed=0"):
-        assert f"{line} ... skipped (finished)" in out
-    assert re.search(r"^\[4/4\] no_can seed=1 \.\.\. done in \d+s$", out, re.M)
-    # Only the failed pair trained again, resuming its earlier attempt.
-    [(cfg, resume, tags)] = fake_fit.calls
-    assert (tags["mm.variant"], cfg.seed, resume) == ("no_can", 1, True)
-
-    client = MlflowClient(uri)
-    experiment_id = client.get_experiment_by_name("ablation").experiment_id
-    runs = client.search_runs([experiment_id], "tags.`mm.role` = 'train'")
-    finished = sorted((r.data.tags["mm.variant"], r.data.tags["mm.seed"]) for r in runs if r.info.status == "FINISHED")
-    assert finished == [("full", "0"), ("full", "1"), ("no_can", "0"), ("no_can", "1")]
-    assert [r.info.status for r in runs].count("FAILED") == 1
-
-    # The printed table command reads these runs back.
-    table_args = _args(*table.split()[4:], "--metrics", "id_similarity", command=table_command)
-    assert table_command.run(table_args) == 0
-    assert "| no_can | 0.905 ± 0.007 (n=2) | +0.000 |" in capsys.readouterr().out
-
-
-def test_default_variants_are_the_experiment_yamls(fake_fit, mlflow_uri, capsys):
-    assert ablate.run(_args("--seeds", "1")) == 0
-    expected = {path.stem for path in EXPERIMENTS_DIR.glob("*.yaml")} - {"base"}
-    assert {tags["mm.variant"] for _, _, tags in fake_fit.calls} == expected
-    # The store is the default one, so the printed command needs no --tracking-uri.
-    assert "--tracking-uri" not in capsys.readouterr().out
 
 
 def test_matrix_id_is_stable():
@@ -107,3 +35,122 @@ def test_matrix_id_is_stable():
     assert key != ablate.matrix_id("tiny", ["loss.id_weight=0.1"], [0, 1, 2], ["full", "no_can"])
     assert key != ablate.matrix_id("cogvideox-5b", ["loss.id_weight=0.1"], [0, 1], ["full", "no_can"])
     assert key != ablate.matrix_id("tiny", [], [0, 1], ["full", "no_can"])
+
+
+def test_matrix_file_rows_become_pairs_tagged_with_the_row():
+    matrix = load_matrix("table3")
+    _, pairs = ablate.build_pairs(_args("--matrix", "table3", "--seeds", "2"), [])
+    assert [(p.key, p.seed) for p in pairs] == [(row.key, seed) for row in matrix.rows for seed in (0, 1)]
+    first = pairs[0]
+    assert first.experiment == matrix.rows[0].experiment and list(first.overrides) == matrix.rows[0].overrides
+    assert dict(first.tags)["mm.budget"] == matrix.rows[0].tags["mm.budget"]
+
+
+def test_slurm_job_script_carries_the_launcher_settings(tmp_path):
+    cfg = load_config("full", "tiny", ["launcher.partition=gpu", "launcher.account=proj42", "launcher.nodes=2",
+                                       "launcher.gpus_per_node=8", "launcher.timeout_min=600",
+                                       "launcher.sbatch_flags.qos=high", "launcher.setup=[module load cuda]"])
+    from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor writes; it needs srun to exist
+
+    script = _make_sbatch_string("python -m submitit.core._submit X", tmp_path,
+                                 **ablate.slurm_parameters(cfg.launcher, parallel=4))
+    for line in ("--partition=gpu", "--account=proj42", "--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=8",
+                 "--time=600", "--qos=high", "--signal=USR2@120"):
+        assert f"#SBATCH {line}" in script, line
+    assert "module load cuda" in script
+    assert ablate.gpu_overrides("slurm", cfg.launcher) == ["trainer.devices=8", "trainer.num_nodes=2"]
+    assert ablate.gpu_overrides("local", cfg.launcher) == []
+
+
+def test_pair_states_come_from_the_tracking_store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    open_store(uri)
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, "ablation", uri)
+    pairs = [ablate.Pair(key, 0, key) for key in ("done", "broken", "preempted", "alive", "died", "queued")]
+    for pair, status in zip(pairs, ["FINISHED", "FAILED", "KILLED", "RUNNING", "RUNNING"]):
+        run_dir = tmp_path / pair.key
+        run_dir.mkdir()
+        run = client.create_run(experiment_id, tags={"mm.role": "train", "mm.matrix_id": "m1", "mm.variant": pair.key,
+                                                     "mm.seed": "0", "mm.run_dir": str(run_dir)})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+    client.create_run(experiment_id, tags={"mm.role": "train", "mm.matrix_id": "other", "mm.variant": "queued",
+                                           "mm.seed": "0"})  # another matrix's run does not count
+    with FileLock(tmp_path / "alive" / RUN_LOCK_FILE):  # a live fit holds its run folder
+        states = ablate.pair_states(client, "ablation", "m1", pairs)
+    assert {p.key: state for p, (state, _) in states.items()} == {
+        "done": "finished", "broken": "failed", "preempted": "preempted", "alive": "running", "died": "failed",
+        "queued": "pending"}
+
+
+def _cli(workdir: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlruns/mlflow.db")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    result = subprocess.run([sys.executable, "-m", "mm_lightning", *args], cwd=workdir, env=env, capture_output=True,
+                            text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.mark.slow
+def test_a_sigkilled_pair_is_the_only_one_that_runs_again(tmp_path):
+    args = ["ablate", "--experiments", "full,no_can", "--seeds", "1", "--parallel", "2", "eval.enabled=false",
+            "curriculum.stages.image_pretrain.max_steps=40", "curriculum.stages.video_finetune.max_steps=4",
+            "trainer.checkpoint_every_n_steps=4"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mm_lightning", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(tmp_path.glob("runs/no_can/*/seed0/checkpoints/*/last.ckpt")):
+        time.sleep(0.1)
+    # The no_can pair's fit, among this ablate's own descendants (launcher, job, fit).
+    (fit,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
+              if "fit" in p.cmdline() and "--tag=mm.variant=no_can" in p.cmdline()]
+    fit.kill()  # SIGKILL: no checkpoint, no status update, the MLflow run stays RUNNING
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 1, out[-3000:]
+    assert re.search(r"full seed=0 \.\.\. done in \d+s", out)
+    assert re.search(r"no_can seed=0 \.\.\. FAILED: RuntimeError: fit exited with -9", out), out[-3000:]
+
+    status = _cli(tmp_path, *args, "--status").stdout
+    assert re.search(r"full seed=0\s+finished", status) and re.search(r"no_can seed=0\s+failed", status), status
+
+    out = _cli(tmp_path, *args).stdout
+    assert "full seed=0 ... skipped (finished)" in out
+    assert re.search(r"\[1/1\] no_can seed=0 \.\.\. done in \d+s", out), out
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("ablation").experiment_id], "tags.`mm.role` = 'train'")
+    # One run per pair: the killed pair resumed its own run, from its last checkpoint.
+    assert sorted((r.data.tags["mm.variant"], r.info.status) for r in runs) == [("full", "FINISHED"),
+                                                                                ("no_can", "FINISHED")]
+    logs = "".join(p.read_text() for p in tmp_path.glob("runs/ablate/*/*_0_log.out"))
+    assert re.search(r"resuming stage image_pretrain from \S+/runs/no_can/\w+/seed0/checkpoints/image_pretrain/", logs)
+
+
+@pytest.mark.slow
+def test_a_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
+    # The scheduler's preemption warning (USR2) reaches the submitit job: PairJob.checkpoint stops
+    # fit with SIGTERM, submitit requeues the job, and the job resumes the pair's run.
+    args = ["ablate", "--experiments", "full", "--seeds", "1", "eval.enabled=false",
+            "curriculum.stages.image_pretrain.max_steps=40", "curriculum.stages.video_finetune.max_steps=4",
+            "trainer.checkpoint_every_n_steps=4"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mm_lightning", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(tmp_path.glob("runs/full/*/seed0/checkpoints/*/last.ckpt")):
+        time.sleep(0.1)
+    (job,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if "submitit.core._submit" in p.cmdline()]
+    job.send_signal(signal.SIGUSR2)
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-3000:]
+    logs = "".join(p.read_text() for p in tmp_path.glob("runs/ablate/*/*_0_log.*"))
+    assert "fit: stopped by SIGTERM in stage" in logs and "this job is preempted" in logs
+    assert re.search(r"resuming stage \w+ from ", logs)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("ablation").experiment_id], "tags.`mm.role` = 'train'")
+    assert run.info.status == "FINISHED"

@@ -12,6 +12,8 @@ import pytest
 from mlflow import MlflowClient
 
 from evaluation import ablation_table
+from mm_lightning.ablation_matrix import load_matrix
+from mm_lightning.config import load_config
 from mm_lightning.commands import table as table_command
 
 NAN = math.nan
@@ -30,6 +32,13 @@ MATRIX = {
         "0": {"text_alignment": 0.238, "id_similarity": 0.86},
         "1": {"text_alignment": 0.242, "id_similarity": 0.87},
     },
+}
+
+# Paper numbers for the rendering tests, in the paper's row order (values of Table 3's rows A, F and Full).
+PAPER = {
+    "single_branch": {"text_alignment": 0.238, "fm_inter": 0.572, "id_similarity": 0.865},
+    "no_can": {"text_alignment": 0.236, "fm_inter": 0.568, "id_similarity": 0.886},
+    "full": {"text_alignment": 0.240, "fm_inter": 0.665, "id_similarity": 0.911},
 }
 
 
@@ -77,12 +86,11 @@ def table(store):
     _, runs = ablation_table.fetch_train_runs(client, "ablation")
     matrix_id, runs = ablation_table.select_matrix(runs)
     assert matrix_id == "new"
-    paper = ablation_table.load_paper_results()["table3"]
-    return ablation_table.aggregate("ablation", matrix_id, runs, ablation_table.DEFAULT_METRICS, paper)
+    return ablation_table.aggregate("ablation", matrix_id, runs, ablation_table.TABLE3_METRICS, PAPER)
 
 
 def test_aggregate_means_stds_deltas(table):
-    assert table.variants == ("full", "single_branch", "no_can")  # full first, then Table 3 order
+    assert table.variants == ("full", "single_branch", "no_can")  # full first, then the paper's order
     full = table.cells["full", "text_alignment"]
     assert (full.n, full.mean, full.std) == (2, pytest.approx(0.245), pytest.approx(math.sqrt(0.00005)))
     no_can = table.cells["no_can", "fm_inter"]
@@ -149,8 +157,15 @@ def test_latex(table):
 
 def test_paper_results_cover_table3_and_table1():
     paper = ablation_table.load_paper_results()
-    assert list(paper["table3"]) == ["single_branch", "structural_only", "dual_branch", "no_can", "no_pretrain", "full"]
-    assert all(set(row) == set(ablation_table.DEFAULT_METRICS) for row in paper["table3"].values())
+    assert list(paper["table3"]) == ["dual_branch", "no_pretrain", "full"]  # experiments that equal a paper row
+    matrix = {row.key: row for row in load_matrix("table3").rows}
+    for experiment, row in (("dual_branch", "F"), ("no_pretrain", "G"), ("full", "full")):
+        assert paper["table3"][experiment] == matrix[row].paper
+        cfg = load_config(experiment)
+        flags = ("identity" in cfg.model.branches, "structural" in cfg.model.branches, cfg.model.face_modality,
+                 cfg.model.can, "image_pretrain" in cfg.curriculum.order)
+        assert flags == tuple(matrix[row].flags.values()), experiment
+    assert all(set(row) == set(ablation_table.TABLE3_METRICS) for row in paper["table3"].values())
     assert paper["table1"]["MagicMirror"]["id_similarity"] == 0.922
     assert paper["table1"]["ConsisID"]["dynamic_degree"] == 0.615
 
@@ -208,3 +223,27 @@ def test_command_modules_import_cheaply():
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_command_matrix_file_prints_paper_rows_in_order(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("ablation", artifact_location=(tmp_path / "artifacts").as_uri())
+    tags = {"mm.role": "train", "mm.seed": "0", "mm.matrix_id": "m3", "mm.matrix": "table3",
+            "mm.final_stage": "video_finetune"}
+    _log_run(client, experiment_id, 1, tags | {"mm.variant": "full"}, {"eval/video_finetune/id_similarity": 0.5})
+    _log_run(client, experiment_id, 2, tags | {"mm.variant": "C"}, {"eval/video_finetune/id_similarity": 0.4})
+    # A later ad-hoc matrix must not be picked for --matrix table3.
+    _log_run(client, experiment_id, 3, tags | {"mm.variant": "full", "mm.matrix_id": "other", "mm.matrix": ""}, {})
+    assert table_command.run(_args("--tracking-uri", uri, "--matrix", "table3")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "matrix m3" in lines[0]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and "[" in line]
+    assert rows == ["A [identity branch]", "B [structural branch]", "C [dual branch]", "D [Eq.6, m_face]",
+                    "E [Eq.7, m_txt, m_vid]", "F [w/o CAN]", "G [w/o pretrain]", "Full [MagicMirror]"]
+    full = next(line for line in lines if line.startswith("| Full"))
+    assert "0.500 (n=1)" in full and "0.911" in full and "0.665" in full  # ours beside the paper's
+    c_row = next(line for line in lines if line.startswith("| C ["))
+    assert "-0.100" in c_row and "0.870" in c_row
+    assert table_command.run(_args("--tracking-uri", uri, "--matrix", "table9")) == 2
+    assert "available: table3" in capsys.readouterr().err

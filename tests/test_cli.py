@@ -21,7 +21,7 @@ def test_experiments_cover_the_paper_ablation_rows():
 def test_unknown_experiment_profile_and_key_list_the_valid_choices():
     with pytest.raises(ConfigError, match="unknown experiment 'fulll'.*full, no_can"):
         load_config("fulll")
-    with pytest.raises(ConfigError, match="unknown profile 'huge'.*cogvideox-5b, tiny"):
+    with pytest.raises(ConfigError, match="unknown profile 'huge'.*cogvideox-2b, cogvideox-5b, cogvideox1.5-5b, tiny"):
         load_config("full", "huge")
     with pytest.raises(ConfigError, match="unknown config key 'model.cann'.*valid keys under model:.*can,"):
         load_config("full", overrides=["model.cann=false"])

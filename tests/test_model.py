@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
+from mm_lightning.ablation_matrix import load_matrix
 from mm_lightning.config import list_experiments, load_config
 from mm_lightning.models.loading import MissingWeightsError, check_weight_paths, load_components
 from mm_lightning.pipeline import build_pipeline
@@ -25,9 +26,17 @@ def _inputs(components, cfg, batch=2, latent_frames=3):
     return latents, prompt_embeds, timestep, rotary, face
 
 
-@pytest.mark.parametrize("experiment", list_experiments())
-def test_fresh_adapted_model_equals_plain_diffusers_transformer(experiment):
-    cfg = load_config(experiment)
+# Every experiment, every row of the paper's Table 3 (only the model flags matter here), and the earlier design.
+VARIANTS = [(name, []) for name in list_experiments()]
+VARIANTS += [
+    (f"table3-{row.key}", [o for o in row.overrides if o.startswith("model.")]) for row in load_matrix("table3").rows
+]
+VARIANTS += [("cross_only", ["model.face_attention=cross_only"])]
+
+
+@pytest.mark.parametrize("variant,overrides", VARIANTS, ids=[name for name, _ in VARIANTS])
+def test_fresh_adapted_model_equals_plain_diffusers_transformer(variant, overrides):
+    cfg = load_config(variant if not overrides else "full", overrides=overrides)
     components = load_components(cfg)
     plain = CogVideoXTransformer3DModel.from_pretrained(cfg.weights.transformer)
     latents, text, t, rotary, face = _inputs(components, cfg)
@@ -111,3 +120,91 @@ def test_missing_weights_name_path_files_and_origin(tmp_path):
     assert f"{tmp_path}/nope/transformer" in message
     assert "diffusion_pytorch_model" in message and "CogVideoX" in message
     assert "weights.image_encoder" in message
+
+
+def _fresh(overrides=()):
+    cfg = load_config("full", overrides=list(overrides))
+    components = load_components(cfg)
+    return cfg, components, components.transformer
+
+
+def test_new_parameters_get_gradients_at_init():
+    # Zero-init outputs must not block learning: the face-key gate and the zero-init
+    # projections get a gradient on the very first step. (phi_face follows once the gate opens:
+    # at init the face stream reaches text and video only through the gate and the zero values.)
+    cfg, components, model = _fresh()
+    latents, text, t, rotary, face = _inputs(components, cfg)
+    model(latents, text, t, image_rotary_emb=rotary, face=face)[0].pow(2).mean().backward()
+    block = model.base.transformer_blocks[0]
+    for name in ("face_key_gate", "to_v_face.weight", "can.2.weight"):
+        grad = block.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_face_keys_join_the_joint_softmax():
+    # merge_face_keys == softmax over [base keys, face keys + log gate] computed in one go.
+    from mm_lightning.models.adapter import attention_with_lse, merge_face_keys
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8, dtype=torch.float64) for _ in range(3))
+    k_face, v_face = torch.randn(2, 3, 5, 8, dtype=torch.float64), torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    gate = torch.tensor([0.0, 0.5, 3.0], dtype=torch.float64)
+    out, lse = attention_with_lse(q, k, v)
+    merged = merge_face_keys(out, lse, q, k_face, v_face, gate)
+    scores = torch.cat([q @ k.transpose(-1, -2), q @ k_face.transpose(-1, -2)], -1) / 8**0.5
+    scores[..., 20:] += gate.log().view(1, 3, 1, 1)
+    expected = scores.softmax(-1) @ torch.cat([v, v_face], 2)
+    assert torch.allclose(merged, expected, atol=1e-6)
+    assert torch.equal(merged[:, 0], out[:, 0])  # gate 0: the base attention, bit for bit
+
+
+def test_cross_attention_query_carries_no_rope():
+    # Identical video tokens at different positions read identical cross-attention output.
+    cfg, components, model = _fresh()
+    block = model.base.transformer_blocks[0]
+    with torch.no_grad():
+        block.to_v_face.weight.normal_(std=0.1)
+        dim = block.dim
+        video, text = torch.randn(1, 1, dim).expand(1, 48, dim), torch.randn(1, 4, dim)
+        face = torch.randn(1, 6, dim)
+        pipe = build_pipeline(components)
+        rotary = pipe._prepare_rotary_positional_embeddings(64, 64, 3, torch.device("cpu"))  # 3 x 4 x 4 = 48 tokens
+        captured = {}
+        read = type(block).cross_attention
+        block.cross_attention = lambda q, tokens: captured.setdefault("ca", read(block, q, tokens))
+        block.attention(video, text, None, face, rotary)
+    video_reads = captured["ca"][:, :, 4:]  # [B, H, 48, D/H]: the video queries' cross-attention
+    assert (video_reads - video_reads[:, :, :1]).abs().max() == 0
+
+
+def test_guidance_can_drop_the_face_from_the_unconditional_branch():
+    # Dropping x_face and CAN's residual leaves the unconditional half (no identity tokens) the
+    # plain backbone, even with trained (here: random non-zero) adapters; keeping them does not.
+    cfg, components, model = _fresh()
+    plain = CogVideoXTransformer3DModel.from_pretrained(cfg.weights.transformer)
+    latents, text, t, rotary, face = _inputs(components, cfg, batch=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.abs().sum() == 0:
+                p.normal_(std=0.1)
+        twice = lambda x: torch.cat([x, x])  # noqa: E731
+        expected = plain(latents, text, t, image_rotary_emb=rotary, return_dict=False)[0]
+        dropped = model(twice(latents), twice(text), twice(t), image_rotary_emb=rotary,
+                        face=face.for_guidance(uncond_face=False, uncond_id=False))[0]
+        kept = model(twice(latents), twice(text), twice(t), image_rotary_emb=rotary, face=face.for_guidance())[0]
+    assert (dropped[:1] - expected).abs().max() <= 1e-5
+    assert (kept[:1] - expected).abs().max() > 1e-3
+    assert torch.allclose(dropped[1:], kept[1:], atol=1e-5)  # the conditional half is untouched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels' log-sum-exp (flash / memory-efficient)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_with_lse_on_cuda(dtype):
+    from mm_lightning.models.adapter import attention_with_lse
+
+    q, k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=dtype) for _ in range(3))
+    out, lse = attention_with_lse(q, k, v)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / 8
+    assert lse.shape == (1, 2, 300)
+    assert torch.allclose(lse, scores.logsumexp(-1), atol=2e-2)
+    assert torch.allclose(out.float(), scores.softmax(-1) @ v.float(), atol=2e-2)

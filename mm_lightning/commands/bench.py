@@ -88,7 +88,8 @@ def analytic_bare_flops(tconf: dict, batch: int, frames: int, height: int, width
     """
     p = tconf["patch_size"]
     dim = tconf["num_attention_heads"] * tconf["attention_head_dim"]
-    seq = tconf["max_text_seq_length"] + frames * (height // p) * (width // p)
+    tokens_per_frame = (height // p) * (width // p) // (tconf.get("patch_size_t") or 1)  # 1.5: 2 frames a patch
+    seq = tconf["max_text_seq_length"] + frames * tokens_per_frame
     linear = tconf["num_layers"] * 24 * dim**2 * seq
     attention = tconf["num_layers"] * 4 * seq**2 * dim
     passes = 3 if checkpointing else 2
@@ -218,6 +219,9 @@ def run(args) -> int:
     batch = args.batch_size or (1 if args.stage == "video" else 8)
     tconf = _plain(arch.transformer)
     frames = 1 if args.stage == "image" else (stage.frames - 1) // tconf["temporal_compression_ratio"] + 1
+    p_t = tconf.get("patch_size_t")
+    if p_t:  # CogVideoX 1.5: latent frames padded to a multiple of patch_size_t (module.pad_to_temporal_patch)
+        frames += -frames % p_t
     h, w = stage.height // 8, stage.width // 8
     checkpointing = bool(cfg.trainer.gradient_checkpointing)
     torch.manual_seed(0)
@@ -233,8 +237,17 @@ def run(args) -> int:
         return latents, text, t
 
     p = tconf["patch_size"]
-    crops = get_resize_crop_region_for_grid((h // p, w // p), tconf["sample_width"] // p, tconf["sample_height"] // p)
-    rotary = get_3d_rotary_pos_embed(tconf["attention_head_dim"], crops, (h // p, w // p), frames, device=device)
+    # As CogVideoXPipeline._prepare_rotary_positional_embeddings: 1.0 and 1.5 layouts; none for 2B.
+    rotary = None
+    if tconf.get("use_rotary_positional_embeddings") and p_t:
+        rotary = get_3d_rotary_pos_embed(tconf["attention_head_dim"], None, (h // p, w // p), frames // p_t,
+                                         grid_type="slice", device=device,
+                                         max_size=(tconf["sample_height"] // p, tconf["sample_width"] // p))
+    elif tconf.get("use_rotary_positional_embeddings"):
+        crops = get_resize_crop_region_for_grid((h // p, w // p), tconf["sample_width"] // p,
+                                                tconf["sample_height"] // p)
+        rotary = get_3d_rotary_pos_embed(tconf["attention_head_dim"], crops, (h // p, w // p), frames,
+                                         device=device)
 
     def build_base():
         with torch.device(device):  # random init straight on the GPU
@@ -291,7 +304,7 @@ def run(args) -> int:
         model = build_magicmirror(cfg, build_base(), clip).to(dtype)
     model.gradient_checkpointing = checkpointing
     size = clip.config.image_size
-    id_dim = model.face_encoder.id_query.in_features if model.face_encoder.id_query is not None else 512
+    id_dim = model.face_encoder.id_perceiver.token_proj[0].in_features if model.face_encoder.id_perceiver is not None else 512
     mask = torch.zeros(batch, tconf["max_text_seq_length"], device=device)
     mask[:, 2] = 1
     ref = torch.rand(batch, 3, size, size, device=device, dtype=dtype)

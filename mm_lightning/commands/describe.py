@@ -3,16 +3,17 @@
 Builds every model on the meta device (no weights, no memory), so it works for the
 cogvideox-5b profile on any machine."""
 
-from ..config import to_yaml
-from .common import add_experiment_arguments, config_from_args
+from mm_lightning.commands.common import add_experiment_arguments, config_from_args
+from mm_lightning.config import to_yaml
 
 # component -> test on the parameter name (inside MagicMirrorTransformer)
 ADAPTER_PARTS = {
-    "ID perceiver": lambda n: n.startswith(("face_encoder.id_query.", "face_encoder.id_perceiver.")),
+    "ID perceiver": lambda n: n.startswith("face_encoder.id_perceiver."),
     "face perceiver": lambda n: n.startswith(("face_encoder.face_queries", "face_encoder.face_perceiver.")),
     "fusion MLP": lambda n: n.startswith("face_encoder.fusion."),
     "CAN": lambda n: ".can." in n or n.startswith("id_proj."),
     "face AdaLN (m_face)": lambda n: ".face_modulation." in n,
+    "face keys in joint attention (gate)": lambda n: n.endswith(".face_key_gate"),
     "cross-attention": lambda n: any(k in n for k in (".face_kv_norm.", ".to_k_face.", ".to_v_face.", ".norm_k_face.")),
     "projections (x_face)": lambda n: n.startswith("face_encoder.face_proj."),
 }
@@ -48,7 +49,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from ..models.loading import build_from_architecture
+    from mm_lightning.models.loading import build_from_architecture
 
     cfg = config_from_args(args)
     print(to_yaml(cfg))

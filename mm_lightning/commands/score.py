@@ -49,17 +49,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insightface-root", help="folder holding models/<insightface-model>/*.onnx")
     parser.add_argument("--insightface-model", help="default: antelopev2")
     parser.add_argument("--clip-path", help="local CLIP folder for text alignment; without it the metric is left out")
-    parser.add_argument("--flow", choices=["farneback"], help="optical flow for dynamic degree (default: farneback)")
+    parser.add_argument("--inception-weights",
+                        help="torch-fidelity Inception-v3 weights file for the inception score (needs torchvision)")
+    parser.add_argument("--flow", choices=["dis", "farneback", "raft"],
+                        help="optical flow for dynamic degree (default: dis; raft: torchvision and --flow-weights)")
+    parser.add_argument("--flow-weights", help="local RAFT weights file (torchvision raft_large state dict)")
     parser.add_argument("--flow-max-side", type=int,
-                        help="shrink frames to this longest side for flow (default 360); 0: full size")
+                        help="shrink frames to this longest side for flow (default: full size); 0: full size")
     parser.add_argument("--frames-sampled", type=int, help="frames per video for face metrics and CLIP (default 16)")
     parser.add_argument("--no-face-similarity", type=_no_face_policy,
-                        help="ID similarity of a frame without a face: a number (default 0), or 'skip'")
+                        help="frames without a face: 'skip' (default: ID mean over face frames; a video with no "
+                             "face has no value), 'zero' (they score 0), or a number they score")
 
 
 def _no_face_policy(text: str) -> float | str:
     if text == "skip":
         return text
+    if text == "zero":
+        return 0.0
     try:
         return float(text)
     except ValueError:
@@ -102,7 +109,8 @@ def evaluator_config(args: argparse.Namespace):
 
     given = {"face_backend": args.face_backend, "insightface_root": args.insightface_root,
              "insightface_model": args.insightface_model, "clip_path": args.clip_path, "flow": args.flow,
-             "frames_sampled": args.frames_sampled}
+             "flow_weights": args.flow_weights, "frames_sampled": args.frames_sampled,
+             "inception_weights": args.inception_weights}
     config = {k: v for k, v in given.items() if v is not None}
     if args.flow_max_side is not None:
         config["flow_max_side"] = args.flow_max_side or None
@@ -159,28 +167,37 @@ def score_rows(rows: list[Row], evaluator, out_file: Path) -> list[dict]:
     return records
 
 
-def log_to_mlflow(args, config, evaluator, columns, table_rows, files: list[Path], seconds: list[float]) -> str:
+def log_to_mlflow(args, config, evaluator, columns, table_rows, files: list[Path], seconds: list[float],
+                  overall: dict[str, float]) -> str:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from mm_lightning.tracking import ensure_experiment, tracking_uri
+    from mm_lightning.tracking import TAG_ROLE, TAG_SOURCE, ensure_experiment, tracking_uri
 
     uri = args.tracking_uri or tracking_uri()
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, args.mlflow_experiment, uri)
     source = str(args.manifest or args.video)
-    tags = {"mm.role": "score", "mm.source": source}
+    tags = {TAG_ROLE: "score", TAG_SOURCE: source}
     if evaluator.text_alignment_skipped:
         tags["text_alignment_skipped"] = evaluator.text_alignment_skipped
+    if evaluator.text_alignment_provenance:
+        tags["text_alignment"] = evaluator.text_alignment_provenance
+    if evaluator.inception_score_skipped:
+        tags["inception_score_skipped"] = evaluator.inception_score_skipped
     run = client.create_run(experiment_id, run_name=f"score {Path(source).stem}", tags=tags)
     now = int(time.time() * 1000)
     params = [Param(k, str(v)) for k, v in asdict(config).items()]
     metrics = [Metric("seconds_per_video", statistics.fmean(seconds), now, 0)] if seconds else []
+    metrics += [Metric(name, value, now, 0) for name, value in overall.items()]
     for r in table_rows:
         name = "".join(c if c.isalnum() or c in "_-. " else "_" for c in r.method)
         metrics += [Metric(f"{name}/{m}", r.cells[m].mean, now, 0) for m in columns if r.cells[m].n]
         metrics += [Metric(f"{name}/errors", r.errors, now, 0),
                     Metric(f"{name}/no_face_frames", r.no_face_frames, now, 0)]
+        if r.frames_scored:
+            metrics += [Metric(f"{name}/face_rate", r.face_rate, now, 0),
+                        Metric(f"{name}/videos_without_face", r.cells["id_similarity"].undefined, now, 0)]
     client.log_batch(run.info.run_id, metrics=metrics, params=params)
     for path in files:
         client.log_artifact(run.info.run_id, str(path))
@@ -203,9 +220,16 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.suite import VideoEvaluator
 
     config = evaluator_config(args)
-    evaluator = VideoEvaluator(config)
-    if evaluator.text_alignment_skipped:
-        print(f"score: {evaluator.text_alignment_skipped}", file=sys.stderr)
+    try:
+        evaluator = VideoEvaluator(config)
+    except (OSError, ValueError, ImportError) as err:  # e.g. --flow raft without weights or torchvision
+        print(f"score: {err}", file=sys.stderr)
+        return 2
+    for skipped in (evaluator.text_alignment_skipped, evaluator.inception_score_skipped):
+        if skipped:
+            print(f"score: {skipped}", file=sys.stderr)
+    if evaluator.text_alignment_provenance:
+        print(f"score: text_alignment by {evaluator.text_alignment_provenance}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     per_video = args.out / "per_video.jsonl"
     records = score_rows(rows, evaluator, per_video)
@@ -220,7 +244,13 @@ def run(args: argparse.Namespace) -> int:
     timing = (f"{statistics.fmean(seconds):.2f} s per video (median {statistics.median(seconds):.2f} s, "
               f"total {sum(seconds):.1f} s)" if seconds else "no video scored")
     print(f"score: {len(seconds)} videos scored, {failed} failed; {timing}; wrote {per_video} and {table_file}")
+    # Set-level metrics have no per-video value: over every video of the manifest, whatever its method.
+    overall = {}
+    if "inception_score" in evaluator.metrics and seconds:
+        overall["inception_score_all_videos"] = float(evaluator.metrics["inception_score"].compute())
+        print(f"score: inception score over all {len(seconds)} videos: {overall['inception_score_all_videos']:.3f}")
     if args.mlflow_experiment:
-        run_id = log_to_mlflow(args, config, evaluator, columns, table_rows, [per_video, table_file], seconds)
+        run_id = log_to_mlflow(args, config, evaluator, columns, table_rows, [per_video, table_file], seconds,
+                               overall)
         print(f"score: logged to MLflow run {run_id} (experiment {args.mlflow_experiment})")
     return 0 if seconds else 1

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from mm_lightning.data.faces_cache import FaceCache
 from mm_lightning.data.formats import Row
-from mm_lightning.data.media import crop_boxes, open_video, read_image, resize_center_crop, sample_frame_indices
+from mm_lightning.data.media import crop_boxes, crop_geometry, open_video, read_image, resize_center_crop, sample_frame_indices
 from mm_lightning.faces import face_crop, face_mask
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class FaceDataset(Dataset):
 
     def _load(self, row: Row, i: int) -> dict:
         boxes = self.cache.target_boxes(i)  # [n_stored_frames, 4] stored-frame pixels
+        landmarks = self.cache.target_landmarks(i)  # [n_stored_frames, 5, 2] stored-frame pixels
         if row.kind == "image":
             frames, ref_image = read_image(self.root / row.media)[None], None  # [1, h, w, 3]
         else:
@@ -58,7 +59,7 @@ class FaceDataset(Dataset):
             idx = sample_frame_indices(len(video), native_fps, self.frames, self.fps, torch.rand(()).item())
             keyframe = [row.keyframe] if self.cache.ref_index[i] < 0 else []
             decoded = video.get_batch(idx + keyframe).asnumpy()  # [F (+1), h, w, 3] uint8
-            frames, boxes = decoded[:len(idx)], boxes[idx]
+            frames, boxes, landmarks = decoded[:len(idx)], boxes[idx], landmarks[idx]
             ref_image = decoded[-1] if keyframe else None
         if ref_image is None:
             ref_image = read_image(self.root / row.references[self.cache.ref_index[i]])
@@ -67,6 +68,8 @@ class FaceDataset(Dataset):
         H, W = self.height, self.width
         pixels = np.stack([resize_center_crop(f, H, W) for f in frames])  # [F, H, W, 3] uint8
         boxes = crop_boxes(boxes, h, w, H, W)  # [F, 4] training-frame pixels
+        scale, left, top = crop_geometry(h, w, H, W)
+        landmarks = landmarks * scale - np.array([left, top], np.float32)  # [F, 5, 2] training-frame pixels
         mask = np.stack([face_mask(H, W, b) for b in boxes])  # [F, H, W]
         ref = face_crop(ref_image, self.cache.reference_face(i), self.clip_image_size)  # [S, S, 3] uint8
         return {
@@ -76,6 +79,7 @@ class FaceDataset(Dataset):
             "id_embedding": torch.from_numpy(self.cache.embedding[i].copy()),  # [D]
             "face_mask": torch.from_numpy(mask)[:, None],  # [F, 1, H, W]
             "face_boxes": torch.from_numpy(boxes / np.array([W, H, W, H], np.float32)),  # [F, 4] in [0, 1]
+            "face_landmarks": torch.from_numpy(landmarks.astype(np.float32)),  # [F, 5, 2] training-frame pixels
         }
 
 

@@ -8,6 +8,11 @@ crop and the six people of insightface's group photo t1.jpg. Each becomes
   move (pan, zoom, roll) and a brightness drift; half reference a keyframe, half a still.
 Faces stay 95-140 px wide, well above what dlib's HOG detector needs. Everything is drawn
 from fixed seeds and encoded bit-exactly, so two generations give identical bytes.
+
+Identities of one class word share their captions (every woman's first image pair reads
+"a woman smiling in a sunny park", ...): the caption alone cannot tell them apart, so
+training has to read the reference face, and the identity-reliance probe can see whether it
+does (mm_lightning/reliance.py).
 """
 import importlib.util
 import json
@@ -23,7 +28,7 @@ from PIL import Image
 
 from mm_lightning.data.formats import METADATA
 
-VERSION = 1  # bump when the generated content changes: the folder name carries it
+VERSION = 2  # bump when the generated content changes: the folder name carries it
 SIZE, CLIP_FRAMES, CLIP_FPS, SEED = 256, 20, 8, 1234
 
 # Face boxes (x1, y1, x2, y2) found by dlib's HOG detector, upsampled once as the dlib
@@ -37,22 +42,11 @@ T1_FACES = [  # t1.jpg, left to right; all six are detected
     ("t1_e", "a man", (870, 67, 999, 196)),
     ("t1_f", "a woman", (1118, 283, 1226, 390)),
 ]
-IMAGE_CAPTIONS = [
-    "{who} smiling in a sunny park",
-    "{who} reading a book in a cozy library",
-    "close-up portrait of {who} in soft studio light",
-    "{who} drinking coffee in a busy cafe",
-    "{who} standing on a city street at night",
-    "{who} wearing a scarf in the snow",
-    "{who} looking out of a train window",
-]
-VIDEO_CAPTIONS = [
-    "{who} talking to the camera in a bright office",
-    "{who} walking along a beach at sunset",
-    "{who} laughing with friends at a picnic",
-    "{who} looking around in a crowded market",
-    "{who} nodding during a video call at home",
-]
+# Captions are shared across identities (see above): image pair k of everyone reads
+# IMAGE_CAPTIONS[k], clip c reads VIDEO_CAPTIONS[c % 2]; the first video caption is also
+# the first prompt of the demo evaluation set.
+IMAGE_CAPTIONS = ["{who} smiling in a sunny park", "{who} reading a book in a cozy library"]
+VIDEO_CAPTIONS = ["{who} talking to the camera in a bright office", "{who} walking along a beach at sunset"]
 
 
 def _identities() -> list[tuple[str, str, np.ndarray, tuple]]:
@@ -140,7 +134,7 @@ def _generate(out: Path):
             for ref in refs:
                 _write_jpg(out / ref, _augment(photo, box, rng))
             rows.append({"kind": "image", "image": f"images/{name}_{k}.jpg", "references": refs,
-                         "caption": IMAGE_CAPTIONS[(2 * i + k) % len(IMAGE_CAPTIONS)].format(who=who),
+                         "caption": IMAGE_CAPTIONS[k].format(who=who),
                          "identity": name})
     for c in range(len(identities) + 1):
         i = c % len(identities)

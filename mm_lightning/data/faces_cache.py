@@ -1,6 +1,7 @@
 """One face-analysis pass over a dataset, cached next to the data.
 
-For every row it stores the target face boxes (one per stored frame of a video), the
+For every row it stores the target face boxes and 5-point landmarks (one per stored frame
+of a video; the landmarks align the identity loss's crops), the
 reference identity embedding (mean over the references) and the reference face used for
 the crop. Training then never runs a detector: datasets read boxes and embeddings from
 here. Rows that can't be used are kept with a reason and excluded by the datasets.
@@ -25,7 +26,7 @@ from mm_lightning.data.media import open_video, read_image
 from mm_lightning.faces import Face, FaceAnalyzer, mean_identity_embedding
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: per-frame target landmarks
 
 
 class Skip(Exception):
@@ -41,9 +42,13 @@ class FaceCache:
     ref_landmarks: np.ndarray  # [N, 5, 2] float32
     box_offset: np.ndarray  # [N + 1] int64, row i's frames are boxes[box_offset[i]:box_offset[i+1]]
     boxes: np.ndarray  # [T, 4] float32, target box per stored frame, stored-frame pixels
+    landmarks: np.ndarray  # [T, 5, 2] float32, target 5-point landmarks per stored frame, stored-frame pixels
 
     def target_boxes(self, i: int) -> np.ndarray:  # [n_frames, 4]
         return self.boxes[self.box_offset[i]:self.box_offset[i + 1]]
+
+    def target_landmarks(self, i: int) -> np.ndarray:  # [n_frames, 5, 2]
+        return self.landmarks[self.box_offset[i]:self.box_offset[i + 1]]
 
     def reference_face(self, i: int) -> Face:
         # The detection score is not cached: rows here already passed detection.
@@ -71,8 +76,9 @@ def _largest(analyzer: FaceAnalyzer, image: np.ndarray) -> Face:
 
 
 def _video_faces(row: Row, root: Path, analyzer: FaceAnalyzer, probe_frames: int,
-                 min_face_fraction: float) -> tuple[np.ndarray, Face | None]:
-    """-> (target box per frame [n, 4], keyframe face when the row's reference is a keyframe)."""
+                 min_face_fraction: float) -> tuple[np.ndarray, np.ndarray, Face | None]:
+    """-> (target box [n, 4] and landmarks [n, 5, 2] per frame, keyframe face when the row's reference
+    is a keyframe)."""
     path = root / row.media
     if not path.is_file():
         raise Skip("missing_file")
@@ -93,27 +99,31 @@ def _video_faces(row: Row, root: Path, analyzer: FaceAnalyzer, probe_frames: int
     found = [i for i in probe if faces[i] is not None]
     if not found or len(found) < min_face_fraction * len(probe):
         raise Skip("no_face")
-    boxes = np.stack([faces[i].box for i in found])  # [k, 4], interpolated to every frame
-    boxes = np.stack([np.interp(np.arange(n), found, boxes[:, c]) for c in range(4)], 1)
-    return boxes.astype(np.float32), None if row.references else faces[row.keyframe]
+    # [k, 4 + 10]: box and landmarks of the probed frames, interpolated to every frame
+    probed = np.stack([np.concatenate([faces[i].box, np.ravel(faces[i].landmarks)]) for i in found])
+    track = np.stack([np.interp(np.arange(n), found, probed[:, c]) for c in range(probed.shape[1])], 1)
+    boxes, landmarks = track[:, :4].astype(np.float32), track[:, 4:].reshape(n, 5, 2).astype(np.float32)
+    return boxes, landmarks, None if row.references else faces[row.keyframe]
 
 
 def _prepare_row(row: Row, root: Path, analyzer: FaceAnalyzer, probe_frames: int, min_face_fraction: float):
-    """-> (target boxes [n_frames, 4], reference faces, index of the cropped reference or -1)."""
+    """-> (target boxes [n_frames, 4], landmarks [n_frames, 5, 2], reference faces, index of the
+    cropped reference or -1)."""
     if row.kind == "image":
-        boxes = _largest(analyzer, _image(root / row.media)).box[None]
+        face = _largest(analyzer, _image(root / row.media))
+        boxes, landmarks = face.box[None], np.asarray(face.landmarks, np.float32)[None]
     else:
-        boxes, keyframe_face = _video_faces(row, root, analyzer, probe_frames, min_face_fraction)
+        boxes, landmarks, keyframe_face = _video_faces(row, root, analyzer, probe_frames, min_face_fraction)
         if not row.references:
             if keyframe_face is None:
                 raise Skip("no_face")
-            return boxes, [keyframe_face], -1
+            return boxes, landmarks, [keyframe_face], -1
     # References without a face are ignored; the crop comes from the first one with a face.
     refs = [(k, analyzer.largest_face(_image(root / r))) for k, r in enumerate(row.references)]
     refs = [(k, f) for k, f in refs if f is not None]
     if not refs:
         raise Skip("no_face")
-    return boxes, [f for _, f in refs], refs[0][0]
+    return boxes, landmarks, [f for _, f in refs], refs[0][0]
 
 
 def build_face_cache(rows: list[Row], root: Path, analyzer: FaceAnalyzer, probe_frames: int = 16,
@@ -130,16 +140,19 @@ def build_face_cache(rows: list[Row], root: Path, analyzer: FaceAnalyzer, probe_
     ref_index = np.zeros(n, np.int64)
     ref_box = np.zeros((n, 4), np.float32)
     ref_landmarks = np.zeros((n, 5, 2), np.float32)
-    boxes = []
+    boxes, landmarks = [], []
     for i, row in enumerate(rows):
         try:
-            target, refs, ref_index[i] = _prepare_row(row, root, analyzer, probe_frames, min_face_fraction)
+            target, target_landmarks, refs, ref_index[i] = _prepare_row(
+                row, root, analyzer, probe_frames, min_face_fraction
+            )
             embedding[i] = mean_identity_embedding(refs)
             ref_box[i], ref_landmarks[i] = refs[0].box, refs[0].landmarks
         except Skip as e:
-            reason[i], target = str(e), np.zeros((0, 4), np.float32)
+            reason[i], target, target_landmarks = str(e), np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32)
             log.warning("%s:%d (%s) skipped: %s", METADATA, row.line, row.media, e)
         boxes.append(target)
+        landmarks.append(target_landmarks)
         if (i + 1) % 500 == 0:
             log.info("face cache: %d/%d rows", i + 1, n)
     return FaceCache(
@@ -147,6 +160,7 @@ def build_face_cache(rows: list[Row], root: Path, analyzer: FaceAnalyzer, probe_
         embedding=embedding, ref_index=ref_index, ref_box=ref_box, ref_landmarks=ref_landmarks,
         box_offset=np.cumsum([0] + [len(b) for b in boxes]).astype(np.int64),
         boxes=np.concatenate(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32),
+        landmarks=np.concatenate(landmarks).astype(np.float32) if landmarks else np.zeros((0, 5, 2), np.float32),
     )
 
 

@@ -10,16 +10,29 @@ that lets it in:
 - m_face: x_face is a third stream of the joint attention with its own adaptive norm
   phi_face(t) (shift/scale/gate for attention and feed-forward). Each adapted block has
   its own phi_face, so the layer index l of phi_face(t, l) is carried by the weights.
+  The face stream queries [text, video, face]; text and video queries read the face keys
+  inside the joint softmax (paper Eq. 8's T_SA(W_q x_full, W_kv x_face)), see below.
 - Decoupled cross-attention (as IP-Adapter): the block's text+video queries also attend
   to the face tokens through new K/V projections, and both results share the block's
-  output projection: out = W_o (SA(x) + CA(W_q x, W'_kv x_face)).
+  output projection: out = W_o (SA(x) + CA(W_q x, W'_kv x_face)). The cross-attention
+  query is taken before RoPE (the face keys carry no position; as diffusers' IP-Adapter
+  for Flux), so a face feature reads the same at every video position.
 
 Zero initialisation and exact equivalence: the new value projection and every new
-modulation predictor start at zero. The face stream *queries* the full [text, video, face]
-sequence, but text and video read the face only through the cross-attention, whose
-values are zero at init. (Letting text/video keys include face tokens inside the frozen
-softmax would change the base model's output at init, whatever the zero-init.) So a
-freshly built adapted model computes exactly what the base model computes.
+modulation predictor start at zero. Face keys inside the frozen softmax would change the
+base output whatever the zero-init, so the joint softmax over [text, video, face] keys is
+computed as the base attention merged with a face-key attention through their
+log-sum-exps, the face logits shifted by log g_h for a non-negative per-head gate g_h that
+starts at 0:
+    out = out_base + w (out_face - out_base),   w = g e^{lse_f} / (e^{lse_b} + g e^{lse_f}),
+which is exactly softmax([s_base, s_face + log g]) V. At g = 0, w = 0 and out = out_base bit
+for bit (on CUDA out_base comes from the flash kernel, which the base block's SDPA may not
+pick: equal there up to kernel rounding), while dw/dg = e^{lse_f - lse_b} != 0, so the gate
+learns from the first step.
+The base log-sum-exp comes from PyTorch's fused attention kernels, which do not
+differentiate it: the gradient through lse_b (zero at init, of order w (1 - w) after) is
+dropped. `face_attention="cross_only"` keeps the earlier design (text/video read the face
+only through the cross-attention) for comparison.
 
 Cost: the three streams share one Q/K/V projection call and one output projection call,
 and the cross-attention adds no output projection of its own (see benchmarks/).
@@ -32,6 +45,43 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from torch import nn
 from torch.nn import functional as F
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention [B, H, S, d] plus each query's log-sum-exp of scores [B, H, S] (fp32).
+
+    PyTorch's public SDPA does not return the log-sum-exp; its fused kernels' aten ops do
+    (flash for half precision on CUDA, memory-efficient otherwise, flash on CPU)."""
+    if q.device.type == "cuda":
+        if torch.is_autocast_enabled("cuda"):  # raw aten ops skip autocast: cast as autocast casts SDPA's inputs
+            q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
+        if q.dtype in (torch.float16, torch.bfloat16):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        return out, lse[..., : q.shape[2]]  # the efficient kernel pads the sequence of lse
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+
+
+def merge_face_keys(
+    out_base: torch.Tensor,  # [B, H, S, d] attention over the base keys
+    lse_base: torch.Tensor,  # [B, H, S]
+    q: torch.Tensor,  # [B, H, S, d]
+    k_face: torch.Tensor,  # [B, H, Nf, d]
+    v_face: torch.Tensor,  # [B, H, Nf, d]
+    gate: torch.Tensor,  # [H] >= 0
+) -> torch.Tensor:
+    """softmax([s_base, s_face + log gate]) [V_base; V_face], from the base attention's output and
+    log-sum-exp; exactly out_base where gate == 0 (see the module docstring)."""
+    scores = (q @ k_face.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # [B, H, S, Nf]: few face keys
+    lse_face = scores.logsumexp(-1)
+    out_face = (scores.softmax(-1).to(v_face.dtype) @ v_face).to(out_base.dtype)
+    # w = g e^d / (1 + g e^d), d = lse_f - lse_b, written with m = max(d, 0) so nothing overflows.
+    d = lse_face - lse_base.detach().float()
+    m = d.clamp(min=0)
+    g = gate.float().view(1, -1, 1)
+    w = (g * torch.exp(d - m) / (torch.exp(-m) + g * torch.exp(d - m))).unsqueeze(-1).to(out_base.dtype)
+    return out_base + w * (out_face - out_base)
 
 
 def _zero_linear(in_dim: int, out_dim: int) -> nn.Linear:
@@ -50,6 +100,7 @@ class MagicMirrorBlock(nn.Module):
         use_face_modality: bool,
         use_can: bool,
         can_hidden_dim: int,
+        face_attention: str = "joint",
     ):
         super().__init__()
         self.block = block
@@ -66,6 +117,10 @@ class MagicMirrorBlock(nn.Module):
 
         # phi_face(t): shift, scale, gate for the attention and the feed-forward of the face stream.
         self.face_modulation = nn.Sequential(nn.SiLU(), _zero_linear(time_embed_dim, 6 * dim)) if use_face_modality else None
+        # g_h: text/video queries read the face stream's keys inside the joint softmax, weighted by g_h >= 0.
+        self.face_key_gate = None
+        if use_face_modality and face_attention == "joint":
+            self.face_key_gate = nn.Parameter(torch.zeros(heads))
 
         # phi_cond([proj(x_id), t, mu1_vid]) -> residual on the 12 modulation vectors of the block.
         self.can = None
@@ -80,9 +135,10 @@ class MagicMirrorBlock(nn.Module):
     def _merge(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(1, 2).flatten(2)  # [B, H, S, D/H] -> [B, S, D]
 
-    def attention(self, video, text, face_stream, face_tokens, image_rotary_emb):
+    def attention(self, video, text, face_stream, face_tokens, image_rotary_emb, keep_face=None):
         """Joint attention of the block (as diffusers' CogVideoXAttnProcessor2_0 computes it),
         plus the decoupled face cross-attention and the face stream's own queries.
+        keep_face [B] (1 kept, 0 dropped) masks what text and video read from the face, per sample.
         Returns the attention outputs of (video [B, N, D], text [B, L, D], face stream [B, Nf, D] or None)."""
         attn = self.block.attn1
         text_len, joint_len = text.shape[1], text.shape[1] + video.shape[1]
@@ -90,22 +146,35 @@ class MagicMirrorBlock(nn.Module):
         x = torch.cat(streams, dim=1)  # [B, L+N(+Nf), D]: one projection call for all streams
         q, k, v = self._heads(attn.to_q(x)), self._heads(attn.to_k(x)), self._heads(attn.to_v(x))
         q, k = attn.norm_q(q), attn.norm_k(k)
+        # The cross-attention reads position-free face keys, so its query is taken before RoPE.
+        q_cross = q[:, :, :joint_len].clone() if self.to_v_face is not None else None
         if image_rotary_emb is not None:  # RoPE on the video tokens only, in place as diffusers does
             q[:, :, text_len:joint_len] = apply_rotary_emb(q[:, :, text_len:joint_len], image_rotary_emb)
             k[:, :, text_len:joint_len] = apply_rotary_emb(k[:, :, text_len:joint_len], image_rotary_emb)
         q_joint = q[:, :, :joint_len]
-        # Text and video attend to text and video only: the base block's own attention.
-        out = F.scaled_dot_product_attention(q_joint, k[:, :, :joint_len], v[:, :, :joint_len])  # [B, H, L+N, D/H]
+        if face_stream is not None and self.face_key_gate is not None:
+            # Text and video attend to [text, video, face] keys: the base attention, merged with the face keys.
+            out, lse = attention_with_lse(q_joint, k[:, :, :joint_len], v[:, :, :joint_len])
+            gate = self.face_key_gate.clamp(min=0)  # clamp passes the gradient at 0
+            merged = merge_face_keys(out, lse, q_joint, k[:, :, joint_len:], v[:, :, joint_len:], gate)
+            out = merged if keep_face is None else out + keep_face * (merged - out)
+        else:  # the base block's own attention over text and video
+            out = F.scaled_dot_product_attention(q_joint, k[:, :, :joint_len], v[:, :, :joint_len])  # [B, H, L+N, D/H]
         if self.to_v_face is not None:
-            face_kv = self.face_kv_norm(face_tokens)
-            k_face = self.norm_k_face(self._heads(self.to_k_face(face_kv)))
-            v_face = self._heads(self.to_v_face(face_kv))
-            out = out + F.scaled_dot_product_attention(q_joint, k_face, v_face)
+            cross = self.cross_attention(q_cross, face_tokens)
+            out = out + (cross if keep_face is None else keep_face * cross)
         if face_stream is not None:  # m_face: the face stream queries [text, video, face]
             out = torch.cat([out, F.scaled_dot_product_attention(q[:, :, joint_len:], k, v)], dim=2)
         out = attn.to_out[1](attn.to_out[0](self._merge(out)))  # [B, L+N(+Nf), D]
         face_out = out[:, joint_len:] if face_stream is not None else None
         return out[:, text_len:joint_len], out[:, :text_len], face_out
+
+    def cross_attention(self, q: torch.Tensor, face_tokens: torch.Tensor) -> torch.Tensor:
+        """CA(W_q x, W'_kv x_face): q [B, H, S, D/H] (without RoPE), face_tokens [B, Nf, D] -> [B, H, S, D/H]."""
+        face_kv = self.face_kv_norm(face_tokens)
+        k_face = self.norm_k_face(self._heads(self.to_k_face(face_kv)))
+        v_face = self._heads(self.to_v_face(face_kv))
+        return F.scaled_dot_product_attention(q, k_face, v_face)
 
     def forward(
         self,
@@ -115,6 +184,7 @@ class MagicMirrorBlock(nn.Module):
         temb: torch.Tensor,  # [B, Dt]
         id_cond: torch.Tensor | None,  # proj(x_id) [B, Dt]
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        keep: torch.Tensor | None = None,  # [B, 2]: FaceConditioning.keep
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         block = self.block
         text_len = encoder_hidden_states.shape[1]
@@ -123,7 +193,8 @@ class MagicMirrorBlock(nn.Module):
         mod_ff = block.norm2.linear(block.norm2.silu(temb))
         if self.can is not None:
             mu1_vid = mod_attn[:, : self.dim]  # the block's first video shift: CAN's distribution identifier
-            delta_attn, delta_ff = self.can(torch.cat([id_cond.to(temb.dtype), temb, mu1_vid], dim=-1)).chunk(2, dim=-1)
+            delta = self.can(torch.cat([id_cond.to(temb.dtype), temb, mu1_vid], dim=-1))
+            delta_attn, delta_ff = (delta if keep is None else keep[:, 1:].to(delta.dtype) * delta).chunk(2, dim=-1)
             mod_attn, mod_ff = mod_attn + delta_attn, mod_ff + delta_ff
         shift, scale, gate, enc_shift, enc_scale, enc_gate = mod_attn.unsqueeze(1).chunk(6, dim=-1)  # [B, 1, D] each
 
@@ -136,7 +207,10 @@ class MagicMirrorBlock(nn.Module):
             f_shift, f_scale, f_gate, f_ff_shift, f_ff_scale, f_ff_gate = self.face_modulation(temb).unsqueeze(1).chunk(6, dim=-1)
             norm_face = norm(face_tokens) * (1 + f_scale) + f_shift
 
-        attn_video, attn_text, attn_face = self.attention(norm_video, norm_text, norm_face, face_tokens, image_rotary_emb)
+        keep_face = None if keep is None else keep[:, 0].to(norm_video.dtype).view(-1, 1, 1, 1)
+        attn_video, attn_text, attn_face = self.attention(
+            norm_video, norm_text, norm_face, face_tokens, image_rotary_emb, keep_face
+        )
         hidden_states = hidden_states + gate * attn_video
         encoder_hidden_states = encoder_hidden_states + enc_gate * attn_text
         if use_stream:

@@ -2,7 +2,8 @@
 
 A frozen CLIP vision model (transformers) gives dense features f of the reference face.
 - Identity branch: the identity embedding (ArcFace 512-d, or dlib 128-d in the tiny
-  profile) becomes `num_id_tokens` query tokens; an ID perceiver over f gives x_id. The
+  profile) becomes `num_id_tokens` query tokens; an ID perceiver over f gives x_id, in
+  PhotoMakerV2's ID-encoder layout so its checkpoint loads (photomaker_id_encoder.py). The
   fusion MLP writes x_id into the T5 tokens selected by the identity-token mask m:
   txt' = m * MLP_fuse(x_id, m * txt) + (1 - m) * txt.
 - Structural branch: `num_face_tokens` learnable queries read the penultimate CLIP layer
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import CLIPVisionModel
 
 from .perceiver import PerceiverResampler
+from .photomaker_id_encoder import PhotoMakerIDPerceiver
 
 # OpenAI CLIP normalisation; overridden by the image encoder's preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,15 +33,24 @@ class FaceConditioning:
     x_id: torch.Tensor | None  # [B, num_id_tokens, perceiver_dim]
     x_face: torch.Tensor | None  # [B, num_face_tokens, inner_dim]
     identity_mask: torch.Tensor  # [B, L] 1 at the prompt's identity tokens
+    # [B, 2] per sample 1 = kept, 0 = dropped: (x_face's reads by text/video, CAN's x_id residual); None: all kept
+    keep: torch.Tensor | None = None
 
-    def for_guidance(self) -> FaceConditioning:
+    def for_guidance(self, uncond_face: bool = True, uncond_id: bool = True) -> FaceConditioning:
         """Conditioning for diffusers' [uncond, cond] batch under classifier-free guidance.
 
-        Both halves see the face; only the conditional prompt carries identity tokens.
+        Only the conditional prompt carries identity tokens, so x_id is never fused into the
+        unconditional prompt. `uncond_face` / `uncond_id`: whether the unconditional half also
+        reads x_face (cross-attention and face keys) / gets CAN's x_id residual (sampling.guidance_uncond_*).
         """
         twice = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
         mask = torch.cat([torch.zeros_like(self.identity_mask), self.identity_mask])
-        return FaceConditioning(twice(self.x_id), twice(self.x_face), mask)
+        keep = None
+        if not (uncond_face and uncond_id):
+            batch = self.identity_mask.shape[0]
+            uncond = torch.tensor([float(uncond_face), float(uncond_id)], device=mask.device).expand(batch, 2)
+            keep = torch.cat([uncond, torch.ones_like(uncond)])
+        return FaceConditioning(twice(self.x_id), twice(self.x_face), mask, keep)
 
 
 class FusionMLP(nn.Module):
@@ -77,6 +88,9 @@ class DualBranchFaceEncoder(nn.Module):
         perceiver_dim: int,
         perceiver_depth: int,
         perceiver_heads: int,
+        id_encoder_dim: int,
+        id_encoder_depth: int,
+        id_encoder_head_dim: int,
         freeze_id_perceiver: bool,
         clip_mean: tuple[float, ...] = CLIP_MEAN,
         clip_std: tuple[float, ...] = CLIP_STD,
@@ -90,14 +104,16 @@ class DualBranchFaceEncoder(nn.Module):
         self.num_id_tokens = num_id_tokens
         self.perceiver_dim = perceiver_dim
 
-        self.id_query = self.id_perceiver = self.fusion = None
+        self.id_perceiver = self.fusion = None
         if "identity" in branches:
-            self.id_query = nn.Linear(id_embed_dim, num_id_tokens * perceiver_dim)  # q_id
-            self.id_perceiver = PerceiverResampler(clip_dim, perceiver_dim, perceiver_dim, perceiver_depth, perceiver_heads)
+            self.id_perceiver = PhotoMakerIDPerceiver(
+                id_embed_dim, clip_dim, id_encoder_dim, num_id_tokens, id_encoder_depth, id_encoder_head_dim,
+                output_dim=perceiver_dim,
+            )
             self.fusion = FusionMLP(text_dim, num_id_tokens * perceiver_dim, hidden_dim=max(text_dim, perceiver_dim))
-            if freeze_id_perceiver:
-                self.id_query.requires_grad_(False)
-                self.id_perceiver.requires_grad_(False)
+            if freeze_id_perceiver:  # PhotoMakerV2's part; the new projection keeps training
+                for module in self.id_perceiver.pretrained():
+                    module.requires_grad_(False)
 
         self.face_queries = self.face_perceiver = self.face_proj = None
         if "structural" in branches:
@@ -128,8 +144,8 @@ class DualBranchFaceEncoder(nn.Module):
         last, penultimate = self.clip_features(ref_pixels)
         x_id = x_face = None
         if self.id_perceiver is not None:
-            q_id = self.id_query(id_embeds.to(self.id_query.weight.dtype)).unflatten(-1, (self.num_id_tokens, self.perceiver_dim))
-            x_id = self.id_perceiver(q_id, last.to(q_id.dtype))  # [B, num_id_tokens, P]
+            dtype = self.id_perceiver.proj.weight.dtype
+            x_id = self.id_perceiver(id_embeds.to(dtype), last.to(dtype))  # [B, num_id_tokens, P]
         if self.face_perceiver is not None:
             queries = self.face_queries.expand(penultimate.shape[0], -1, -1)
             x_face = self.face_proj(self.face_perceiver(queries, penultimate.to(queries.dtype)))  # [B, num_face_tokens, D]

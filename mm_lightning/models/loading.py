@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, T5Config, T5EncoderModel, T5Tokenizer
 
 from .face_encoder import CLIP_MEAN, CLIP_STD, DualBranchFaceEncoder
+from .photomaker_id_encoder import load_photomaker_v2
 from .magicmirror import MagicMirrorTransformer
 
 ID_EMBED_DIMS = {"dlib": 128, "insightface": 512}
@@ -61,12 +62,14 @@ def check_weight_paths(weights: DictConfig) -> None:
         )
 
 
-def write_random_weights(cfg: DictConfig) -> None:
-    """Tiny profile: save small random-init models (fixed seed) where the weights are expected.
+def write_random_weights(cfg: DictConfig, device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32) -> None:
+    """Save random-init models (fixed seed) of cfg.architecture where cfg.weights expects them.
 
-    Written into a temporary folder and renamed, under a file lock, so that concurrent
-    processes (DDP ranks, parallel tests) never see half-written weights.
-    """
+    The tiny profile calls it on first use; `snapshot` calls it for a full-size random
+    CogVideoX-5B (init on `device`, saved in `dtype`). Written into a temporary folder and
+    renamed, under a file lock, so that concurrent processes (DDP ranks, parallel tests)
+    never see half-written weights. The tokenizer is always the small word-list one."""
     weights, arch = cfg.weights, cfg.architecture
     targets = {name: Path(weights[name]) for name in WEIGHT_SOURCES}
     lock_path = Path(weights.transformer).parent / ".write.lock"
@@ -82,18 +85,23 @@ def write_random_weights(cfg: DictConfig) -> None:
         tokenizer = _tiny_tokenizer()
         t5_config = T5Config(**_plain(arch.text_encoder))
         assert len(tokenizer) <= t5_config.vocab_size, "architecture.text_encoder.vocab_size is smaller than the tokenizer"
-        models = {
-            "transformer": CogVideoXTransformer3DModel.from_config(_plain(arch.transformer)),
-            "vae": AutoencoderKLCogVideoX.from_config(_plain(arch.vae)),
-            "text_encoder": T5EncoderModel(t5_config),
-            "tokenizer": tokenizer,
-            "scheduler": CogVideoXDPMScheduler.from_config(_plain(arch.scheduler)),
-            "image_encoder": CLIPVisionModel(CLIPVisionConfig(**_plain(arch.image_encoder))),
+        builders = {  # built one at a time: at 5B scale they don't all need to be in memory at once
+            "transformer": lambda: CogVideoXTransformer3DModel.from_config(_plain(arch.transformer)),
+            "vae": lambda: AutoencoderKLCogVideoX.from_config(_plain(arch.vae)),
+            "text_encoder": lambda: T5EncoderModel(t5_config),
+            "tokenizer": lambda: tokenizer,
+            "scheduler": lambda: CogVideoXDPMScheduler.from_config(_plain(arch.scheduler)),
+            "image_encoder": lambda: CLIPVisionModel(CLIPVisionConfig(**_plain(arch.image_encoder))),
         }
-        for name, model in models.items():
+        for name, build in builders.items():
             tmp = targets[name].with_name(targets[name].name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
+            with torch.device(device):
+                model = build()
+            if isinstance(model, torch.nn.Module):
+                model.to(dtype)
             model.save_pretrained(tmp)
+            del model
             if name == "image_encoder":
                 size = arch.image_encoder.image_size
                 CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tmp)
@@ -122,23 +130,61 @@ def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
-def load_components(cfg: DictConfig, torch_dtype: torch.dtype = torch.float32) -> Components:
-    """Tokenizer, T5, VAE, scheduler and the adapted transformer (backbone + CLIP) from cfg.weights."""
+def frozen_dtype(cfg: DictConfig) -> torch.dtype:
+    """The dtype of the frozen modules: `trainer.frozen_dtype`, or under "auto" bf16 with bf16 precision.
+
+    Except under FSDP: a sharded unit (a CogVideoX block with its adapter) must hold one dtype,
+    so FSDP keeps the frozen weights fp32 and shards them instead (bf16 compute via autocast)."""
+    name = cfg.trainer.frozen_dtype
+    if name == "auto":
+        bf16 = str(cfg.trainer.precision).startswith("bf16") and cfg.trainer.strategy != "fsdp"
+        name = "bfloat16" if bf16 else "float32"
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def load_components(cfg: DictConfig, torch_dtype: torch.dtype | None = None, text_encoder: bool = True,
+                    vae: bool = True) -> Components:
+    """Tokenizer, T5, VAE, scheduler and the adapted transformer (backbone + CLIP) from cfg.weights.
+
+    Frozen modules (backbone, CLIP, T5, VAE) load in `torch_dtype` (default: `frozen_dtype(cfg)`);
+    the new MagicMirror modules stay fp32, the master weights that bf16 autocast computes with.
+    `text_encoder=False` / `vae=False` leave T5 / the VAE out (None) when caches make them unneeded."""
     if cfg.weights.create_random:
         write_random_weights(cfg)
     check_weight_paths(cfg.weights)
+    dtype = frozen_dtype(cfg) if torch_dtype is None else torch_dtype
     w = cfg.weights
-    local = {"local_files_only": True}
-    base = CogVideoXTransformer3DModel.from_pretrained(w.transformer, torch_dtype=torch_dtype, **local)
-    clip = CLIPVisionModel.from_pretrained(w.image_encoder, torch_dtype=torch_dtype, **local)
+    local = {"local_files_only": True, "torch_dtype": dtype}
+    base = CogVideoXTransformer3DModel.from_pretrained(w.transformer, **local)
+    clip = CLIPVisionModel.from_pretrained(w.image_encoder, **local)
     mean, std = _clip_normalisation(Path(w.image_encoder))
+    transformer = build_magicmirror(cfg, base, clip, mean, std)
+    if w.photomaker_v2 and transformer.face_encoder.id_perceiver is not None:
+        load_photomaker_v2(transformer.face_encoder.id_perceiver, clip, w.photomaker_v2)
+    apply_dtype_policy(transformer, dtype)
     return Components(
-        tokenizer=AutoTokenizer.from_pretrained(w.tokenizer, **local),
-        text_encoder=T5EncoderModel.from_pretrained(w.text_encoder, torch_dtype=torch_dtype, **local).requires_grad_(False),
-        vae=AutoencoderKLCogVideoX.from_pretrained(w.vae, torch_dtype=torch_dtype, **local).requires_grad_(False),
-        scheduler=CogVideoXDPMScheduler.from_pretrained(w.scheduler, **local),
-        transformer=build_magicmirror(cfg, base, clip, mean, std),
+        tokenizer=AutoTokenizer.from_pretrained(w.tokenizer, local_files_only=True),
+        text_encoder=(T5EncoderModel.from_pretrained(w.text_encoder, **local).requires_grad_(False)
+                      if text_encoder else None),
+        vae=AutoencoderKLCogVideoX.from_pretrained(w.vae, **local).requires_grad_(False) if vae else None,
+        scheduler=CogVideoXDPMScheduler.from_pretrained(w.scheduler, local_files_only=True),
+        transformer=transformer,
     )
+
+
+def apply_dtype_policy(module: torch.nn.Module, frozen: torch.dtype) -> torch.nn.Module:
+    """Frozen submodules in `frozen`, trainable ones in fp32 (master weights), top-down.
+
+    A submodule that mixes frozen and trainable parameters is split further; casting whole
+    submodules (not single tensors) keeps each one's buffers in its parameters' dtype."""
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        return module.to(frozen)
+    if params and all(p.requires_grad for p in params):
+        return module.to(torch.float32)
+    for child in module.children():
+        apply_dtype_policy(child, frozen)
+    return module
 
 
 def _clip_normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -165,11 +211,16 @@ def build_magicmirror(cfg: DictConfig, base: CogVideoXTransformer3DModel, clip: 
         perceiver_dim=m.perceiver_dim,
         perceiver_depth=m.perceiver_depth,
         perceiver_heads=m.perceiver_heads,
+        id_encoder_dim=m.id_encoder_dim,
+        id_encoder_depth=m.id_encoder_depth,
+        id_encoder_head_dim=m.id_encoder_head_dim,
         freeze_id_perceiver=m.freeze_id_perceiver,
         clip_mean=clip_mean,
         clip_std=clip_std,
     )
-    return MagicMirrorTransformer(base, encoder, list(m.branches), m.face_modality, m.can, m.can_hidden_dim)
+    return MagicMirrorTransformer(
+        base, encoder, list(m.branches), m.face_modality, m.can, m.can_hidden_dim, face_attention=m.face_attention
+    )
 
 
 def build_from_architecture(cfg: DictConfig, device: str | torch.device = "meta") -> dict[str, torch.nn.Module]:

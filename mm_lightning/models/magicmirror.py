@@ -29,6 +29,7 @@ class MagicMirrorTransformer(nn.Module):
         face_modality: bool,
         can: bool,
         can_hidden_dim: int,
+        face_attention: str = "joint",
     ):
         super().__init__()
         self.base = base.requires_grad_(False)
@@ -52,6 +53,7 @@ class MagicMirrorTransformer(nn.Module):
                 use_face_modality=face_modality,
                 use_can=can,
                 can_hidden_dim=can_hidden_dim,
+                face_attention=face_attention,
             )
         self.gradient_checkpointing = False
 
@@ -113,7 +115,7 @@ class MagicMirrorTransformer(nn.Module):
         for block in base.transformer_blocks:
             if isinstance(block, MagicMirrorBlock):
                 hidden_states, encoder_hidden_states, face_tokens = self._run(
-                    block, hidden_states, encoder_hidden_states, face_tokens, emb, id_cond, image_rotary_emb
+                    block, hidden_states, encoder_hidden_states, face_tokens, emb, id_cond, image_rotary_emb, face.keep
                 )
             else:
                 hidden_states, encoder_hidden_states = self._run(

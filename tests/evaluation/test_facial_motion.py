@@ -58,3 +58,28 @@ def test_metrics_average_defined_videos_only():
     assert float(inter.compute()) == pytest.approx(0.8 * math.hypot(0.02, 0.03))
     ref.update([moved], SIZE, [(FACE, SIZE)])
     assert float(ref.compute()) == pytest.approx(1.6 * math.hypot(0.02, 0.03))
+
+
+def test_face_normalisation_ignores_scale_position_and_frame():
+    # The same face at 3x in a 720x480 frame, moved: the face unit (inter-ocular distance) removes it all.
+    big = FACE * 3 + [100, 20]
+    assert fm_ref([big], (480, 720), [(FACE, SIZE)], normalise="face") == pytest.approx(0.0, abs=1e-12)
+    assert fm_inter([FACE, big], SIZE, normalise="face") == pytest.approx(0.0, abs=1e-12)
+    assert fm_ref([big], (480, 720), [(FACE, SIZE)]) > 0.05  # the frame-normalised FM reads framing
+
+
+def test_known_displacement_in_face_units():
+    # Inter-ocular distance 40 px: the nose moving (8, 6) px is (0.2, 0.15) face units, 0.25 long.
+    # As in frame units, the nose moves 4/5 of it after centroid removal and the other four 1/5 each.
+    moved = FACE.copy()
+    moved[2] += [8, 6]
+    assert fm_inter([FACE, moved], SIZE, normalise="face") == pytest.approx(1.6 * 0.25)
+    assert fm_ref([moved], SIZE, [(FACE, SIZE)], normalise="face") == pytest.approx(1.6 * 0.25)
+    # Mouth corners 4 px further apart each (a smile): centroid unchanged, d = 2 * 4 / 40.
+    smile = FACE.copy()
+    smile[3, 0] -= 4
+    smile[4, 0] += 4
+    assert fm_inter([FACE, smile], SIZE, normalise="face") == pytest.approx(0.2)
+    assert fm_inter([FACE, smile], SIZE) == pytest.approx(8 / 400)
+    with pytest.raises(ValueError, match="normalisation"):
+        fm_inter([FACE, smile], SIZE, normalise="box")

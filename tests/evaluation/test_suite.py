@@ -39,9 +39,8 @@ def test_pan_is_dynamic_and_keeps_identity(evaluator, astronaut_pan):
 def test_faceless_video_counts_frames_and_leaves_face_metrics_undefined(evaluator):
     frames = np.repeat(camera()[None], 9, axis=0)  # no face dlib sees at 512x512
     result = evaluator.score_video(frames, FPS, [astronaut()])
-    assert result["no_face_frames"] == result["frames_scored"] == 6
-    assert result["id_similarity"] == 0.0  # default policy: a missing face did not keep the identity
-    for name in ("similarity_decay", "fm_ref", "fm_inter"):
+    assert result["no_face_frames"] == result["frames_scored"] == 6 and result["face_rate"] == 0.0
+    for name in ("id_similarity", "similarity_decay", "fm_ref", "fm_inter", "fm_ref_face", "fm_inter_face"):
         assert math.isnan(result[name])
     assert result["per_frame_similarity"] == [None] * 6
 
@@ -56,9 +55,12 @@ def test_compute_aggregates_what_score_video_returned(evaluator, astronaut_stati
     per_video = [evaluator.score_video(v, FPS, ref) for v in (astronaut_static, hopper_static)]
     total = evaluator.compute()
     assert "text_alignment" not in total and evaluator.text_alignment_skipped.startswith("text_alignment skipped")
-    for name in ("id_similarity", "fm_ref", "dynamic_degree"):
+    for name in ("id_similarity", "fm_ref", "fm_inter_face", "dynamic_degree"):
         assert total[name] == pytest.approx(np.mean([r[name] for r in per_video]))
-    assert total["frames_scored"] == 12 and total["no_face_frames"] == 0
+    assert total["frames_scored"] == 12 and total["no_face_frames"] == 0 and total["face_rate"] == 1.0
+    # The reference set is the photo and its mirror image: each frame's similarity is the mean of two cosines.
+    sims = per_video[0]["per_frame_similarity"]
+    assert per_video[0]["id_similarity"] == pytest.approx(np.mean(sims))
     evaluator.reset()
     with pytest.warns(UserWarning, match="before the ``update``"):
         assert math.isnan(evaluator.compute()["id_similarity"])

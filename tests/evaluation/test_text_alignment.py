@@ -62,3 +62,8 @@ def test_score_is_the_mean_frame_cosine(tiny_clip):
     cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
     assert value == pytest.approx(float(cos.mean()), abs=1e-5)
     assert float(metric.compute()) == pytest.approx(value)
+    import hashlib
+
+    digest = hashlib.sha256((tiny_clip / "model.safetensors").read_bytes()).hexdigest()
+    assert metric.provenance == f"CLIPScore on {tiny_clip.name} (weights sha256 {digest})"
+    assert VideoEvaluator(EvaluatorConfig(clip_path=str(tiny_clip))).text_alignment_provenance == metric.provenance

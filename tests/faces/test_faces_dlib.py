@@ -103,3 +103,42 @@ def test_face_crop_and_mask(dlib_analyzer, astronaut):
     ys, xs = np.nonzero(mask)
     np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [166, 67, 274, 175], atol=1)
 
+
+
+@pytest.fixture
+def face_recognition(monkeypatch):
+    """face_recognition 1.3.0 itself, imported with a stand-in for pkg_resources (gone from setuptools 81+).
+
+    face_recognition_models calls only pkg_resources.resource_filename(package, name); the stand-in
+    maps it onto that package's folder, and monkeypatch removes it (and the imports) after the test.
+    """
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    if importlib.util.find_spec("face_recognition") is None:
+        pytest.skip("face_recognition is not installed (pip install --no-deps -r requirements-nodeps.txt)")
+    stand_in = types.ModuleType("pkg_resources")
+    stand_in.resource_filename = lambda package, name: str(
+        Path(importlib.util.find_spec(package).submodule_search_locations[0]) / name)
+    monkeypatch.setitem(sys.modules, "pkg_resources", stand_in)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("face_recognition", "face_recognition_models")]:
+        monkeypatch.delitem(sys.modules, name)
+    import face_recognition
+
+    return face_recognition
+
+
+def test_embedding_matches_face_recognition(dlib_analyzer, face_recognition, astronaut, grace_hopper):
+    # The paper's ID metric is face_recognition's face_encodings (its ref. 15): the same detector
+    # boxes and the same 5-point alignment must give the same 128-d descriptor.
+    for photo in (astronaut, grace_hopper):
+        theirs = face_recognition.face_encodings(photo)
+        ours = dlib_analyzer.detect(photo)
+        assert len(theirs) == len(ours) >= 1
+        boxes = face_recognition.face_locations(photo)  # (top, right, bottom, left), same order as theirs
+        for (top, right, bottom, left), encoding in zip(boxes, theirs):
+            face = next(f for f in ours if np.allclose(f.box, [left, top, right, bottom], atol=1))
+            cosine = float(face.embedding @ encoding) / float(np.linalg.norm(encoding))
+            assert cosine >= 0.999

@@ -1,0 +1,201 @@
+"""`fit`'s own training step at real scale: peak memory per GPU and step time (issue 13).
+
+    python benchmarks/fit_step.py --snapshot DIR [--stage video_finetune] [--steps 4] [--warmup 2]
+        [--identity] [--sample] [--name NAME] [key=value ...]
+
+DIR is written by `python -m mm_lightning snapshot --samples N` (random CogVideoX-5B weights and
+a synthetic latent cache). The step is MagicMirrorModule's, under a Lightning Trainer set up as
+`fit` sets it up (precision, strategy, devices, clipping, accumulation), with the dtype policy of
+mm_lightning.models.loading and T5/VAE left out as `fit` leaves them out; only checkpointing and
+logging are off. A callback synchronises the GPU around every optimizer step and reads the peak
+allocated memory of each rank.
+
+--identity turns the ArcFace identity loss on (λ = 0.05, the 5B profile's value) with the
+snapshot's ArcFace-shaped ONNX converted by onnx2torch, as DifferentiableArcFace does with
+insightface's recogniser (the insightface pack itself needs a face detector a random snapshot
+can't stand in for). --sample then samples one video with the configured sampling settings
+through diffusers' pipeline over the module's models, and the bare CogVideoX-5B pipeline on
+the same settings, in the same process. Results go to benchmarks/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from mm_lightning.commands.snapshot import snapshot_config
+from mm_lightning.curriculum import frozen_models_needed, strategy
+from mm_lightning.data.latent_cache import open_cache
+from mm_lightning.memory import gib
+from mm_lightning.models.loading import frozen_dtype
+from mm_lightning.module import MagicMirrorModule
+
+CUDA = torch.cuda.is_available()  # without a GPU (tiny profile) the script only dry-runs the code path
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+class StepStats(L.Callback):
+    """Synchronised wall time of every optimizer step; static and peak allocated memory per rank."""
+
+    def __init__(self):
+        self.times, self.start, self.static = [], 0.0, 0
+
+    def on_train_start(self, trainer, module):
+        _sync()
+        self.static = torch.cuda.memory_allocated() if CUDA else 0
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        _sync()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        _sync()
+        self.times.append(time.perf_counter() - self.start)
+
+    def on_train_end(self, trainer, module):
+        peak = torch.cuda.max_memory_allocated() if CUDA else 0
+        mine = torch.tensor([gib(self.static), gib(peak)], device=module.device)
+        self.per_rank = trainer.strategy.all_gather(mine).reshape(-1, 2).tolist()  # [world, (static, peak)]
+
+
+def train_steps(cfg, stage: str, args, identity: bool) -> dict:
+    cfg = copy.deepcopy(cfg)  # the identity run changes its own copy
+    needed = frozen_models_needed(cfg)
+    module = MagicMirrorModule(cfg, stage=stage, **{**needed, "vae": needed["vae"] or identity})
+    if identity:  # the 5B profile's identity loss, with the snapshot's ArcFace-shaped ONNX
+        from mm_lightning.faces.arcface import DifferentiableArcFace, _import_onnx2torch
+
+        net = _import_onnx2torch().convert(str(Path(args.snapshot) / "arcface.onnx"))
+        module.arcface = DifferentiableArcFace(net, 127.5, 127.5).to(frozen_dtype(cfg))
+        module.cfg.loss.identity_weight = 0.05
+        if "identity_max_timestep" in module.cfg.loss:  # every step pays for the decode, for a stable timing
+            module.cfg.loss.identity_max_timestep = module.scheduler.config.num_train_timesteps
+    s, t = cfg.curriculum.stages[stage], cfg.trainer
+    stats = StepStats()
+    trainer = L.Trainer(  # curriculum.build_trainer's settings, without checkpoints or a logger
+        max_steps=args.warmup + args.steps, accumulate_grad_batches=s.accumulate_grad_batches,
+        accelerator="auto", devices=t.devices, strategy=strategy(cfg), precision=t.precision,
+        gradient_clip_val=cfg.optim.gradient_clip_val, logger=False, callbacks=[stats],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir="/tmp/fit_step",
+    )
+    trainer.fit(module, datamodule=open_cache(cfg, stage))
+    timed = stats.times[args.warmup:]
+    world = trainer.world_size
+    return {
+        "rank": trainer.global_rank, "world_size": world, "strategy": t.strategy, "precision": t.precision,
+        "frozen_dtype": str(frozen_dtype(cfg)).removeprefix("torch."), "identity_loss": identity,
+        "batch_per_device": s.batch_size, "frames": s.frames, "height": s.height, "width": s.width,
+        "step_s_median": statistics.median(timed), "step_s_all": stats.times,
+        "samples_per_s": world * s.batch_size * s.accumulate_grad_batches / statistics.median(timed),
+        "static_gib_per_rank": [r[0] for r in stats.per_rank], "peak_gib_per_rank": [r[1] for r in stats.per_rank],
+        "loaded": {"text_encoder": module.text_encoder is not None, "vae": module.vae is not None},
+    }
+
+
+@torch.no_grad()
+def sample(cfg) -> dict:
+    """One video through the module's pipeline, then the bare CogVideoX pipeline, same settings."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    from mm_lightning.pipeline import sample_video
+
+    module = MagicMirrorModule(cfg, stage=cfg.curriculum.order[-1]).to(DEVICE).eval()
+    pipe = module.sampling_pipeline()
+    size = module.transformer.face_encoder.clip_image_size
+    ref, ids = torch.rand(1, 3, size, size), torch.nn.functional.normalize(torch.randn(512), dim=0)
+    s = cfg.sampling
+    rows = {}
+    _reset_peak()
+    start = time.perf_counter()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # trainable fp32, frozen bf16: as in training
+        frames = sample_video(pipe, cfg, "a man walking in a park", ref, ids, seed=0)
+    _sync()
+    rows["magicmirror"] = {"seconds": time.perf_counter() - start, "peak_gib": _peak_gib(),
+                           "frames": list(frames.shape)}
+    bare_transformer = CogVideoXTransformer3DModel.from_pretrained(
+        cfg.weights.transformer, torch_dtype=torch.bfloat16, local_files_only=True).to(DEVICE)
+    bare = CogVideoXPipeline(tokenizer=module.tokenizer, text_encoder=module.text_encoder, vae=module.vae,
+                             transformer=bare_transformer, scheduler=pipe.scheduler)
+    bare.set_progress_bar_config(disable=True)
+    del module.transformer, pipe
+    bare.vae.enable_slicing()
+    if s.vae_tiling:
+        bare.vae.enable_tiling()
+    _reset_peak()
+    start = time.perf_counter()
+    out = bare(prompt="a man walking in a park", negative_prompt=s.negative_prompt, num_frames=s.num_frames,
+               height=s.height, width=s.width, num_inference_steps=s.num_inference_steps,
+               guidance_scale=s.guidance_scale, generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+    _sync()
+    rows["bare"] = {"seconds": time.perf_counter() - start, "peak_gib": _peak_gib(),
+                    "frames": list(out.shape)}
+    rows["ratio"] = rows["magicmirror"]["seconds"] / rows["bare"]["seconds"]
+    rows["settings"] = {"steps": s.num_inference_steps, "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
+                        "frames": s.num_frames, "height": s.height, "width": s.width, "vae_tiling": s.vae_tiling}
+    return rows
+
+
+def _reset_peak() -> None:
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float:
+    return gib(torch.cuda.max_memory_allocated()) if CUDA else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--snapshot", required=True)
+    parser.add_argument("--profile", default="cogvideox-5b")
+    parser.add_argument("--stage", default="video_finetune")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--identity", action="store_true", help="also time the step with the identity loss on")
+    parser.add_argument("--sample", action="store_true", help="also sample one video, MagicMirror and bare")
+    parser.add_argument("--name", default="fit_step")
+    parser.add_argument("--out-dir", default="benchmarks")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = snapshot_config("full", args.profile, Path(args.snapshot).resolve(),
+                          ["eval.enabled=false", "loss.identity_weight=0", *args.overrides])
+    report = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if CUDA else "cpu",
+              "torch": torch.__version__, "overrides": args.overrides, "runs": []}
+    if args.steps:  # --steps 0 --sample: sampling only
+        report["runs"].append(train_steps(cfg, args.stage, args, identity=False))
+    if args.steps and args.identity:
+        _reset_peak()
+        report["runs"].append(train_steps(cfg, args.stage, args, identity=True))
+    if report["runs"] and report["runs"][0]["rank"] != 0:
+        return
+    for run in report["runs"]:
+        print(f"{run['strategy']} x{run['world_size']} identity={run['identity_loss']}: "
+              f"{run['step_s_median']:.3f} s/step, "
+              f"{run['samples_per_s']:.3f} samples/s, peak {max(run['peak_gib_per_rank']):.1f} GiB "
+              f"(static {max(run['static_gib_per_rank']):.1f})", flush=True)
+    if args.sample:
+        report["sampling"] = sample(cfg)
+        print(json.dumps(report["sampling"], indent=2), flush=True)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_dir) / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

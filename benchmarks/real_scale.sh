@@ -1,0 +1,81 @@
+#!/bin/bash
+# The real-scale runs of issue 13, exactly as sent to the GPU machines, from the repository root:
+#   bash benchmarks/real_scale.sh fit      # 1 GPU: random 5B snapshot, fit both stages + checkpoint + kill + --resume
+#   bash benchmarks/real_scale.sh step     # 1 GPU: fit's step (with and without identity loss), bench on the same GPU
+#   bash benchmarks/real_scale.sh sample   # 1 GPU: one 49x480x720 video, MagicMirror vs the bare pipeline
+#   bash benchmarks/real_scale.sh multi    # 4 GPUs: fit's step under DDP on 1/2/4 GPUs, FSDP and ZeRO-2 on 2/4
+# PROFILE=tiny runs the same commands on CPU-sized models (the dry run). Logs and JSON go to $OUT.
+set -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MLFLOW_TRACKING_URI=sqlite:////tmp/mm_mlflow.db
+PROFILE=${PROFILE:-cogvideox-5b}
+OUT=${OUT:-/tmp/real_scale_out}
+SNAP=${SNAP:-/tmp/snap5b}
+# 20 GB checkpoints (trainable weights + AdamW) beside a 22 GB snapshot: in RAM when /dev/shm has room
+RUNS=${RUNS:-$( [ "$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1)" -gt 40 ] 2>/dev/null && echo /dev/shm/mm_runs || echo /tmp/mm_runs)}
+DEVICE=$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+EXTRA=${EXTRA:-}  # e.g. faces.backend=insightface for the tiny dry run
+mkdir -p "$OUT"
+quiet() { grep --line-buffered -v -E "Writing model shards|Loading weights|it/s\]$"; }
+
+snapshot() {
+  [ -f "$SNAP/data/.mm_latents/video_finetune/index.json" ] && return
+  python -m mm_lightning snapshot --profile "$PROFILE" \
+    --out "$SNAP" --device "$DEVICE" --samples 8 $EXTRA 2>&1 | quiet | tee "$OUT/snapshot.log"
+}
+overrides() { python -c "from pathlib import Path; from mm_lightning.commands.snapshot import snapshot_overrides as o; print(' '.join(o(Path('$SNAP'))))"; }
+
+case "$1" in
+fit)
+  snapshot || exit 1
+  FIT="python -m mm_lightning fit --profile $PROFILE $(overrides) $EXTRA eval.enabled=false loss.identity_weight=0
+       output_dir=$RUNS curriculum.stages.image_pretrain.max_steps=1 trainer.checkpoint_every_n_steps=2"
+  df -h /tmp /dev/shm | tee "$OUT/fit.log"
+  # A real interruption: kill -9 once the video stage's step-2 checkpoint is in place, then --resume.
+  # The finished image stage's 20 GB last.ckpt goes as soon as the video stage starts (final.ckpt stays).
+  $FIT curriculum.stages.video_finetune.max_steps=4 >> "$OUT/fit.log" 2>&1 &
+  pid=$!
+  until ls "$RUNS"/*/checkpoints/video_finetune/last.ckpt > /dev/null 2>&1 || ! kill -0 $pid 2> /dev/null; do
+    ls -d "$RUNS"/*/checkpoints/video_finetune > /dev/null 2>&1 && rm -f "$RUNS"/*/checkpoints/image_pretrain/last.ckpt
+    sleep 1
+  done
+  sleep 3
+  kill -9 $pid && echo "=== killed fit (pid $pid) after the video stage's step-2 checkpoint" | tee -a "$OUT/fit.log"
+  sleep 2
+  rm -f "$RUNS"/*/checkpoints/image_pretrain/last.ckpt "$RUNS"/*/checkpoints/image_pretrain/step=*.ckpt  # stage done: final.ckpt
+  $FIT curriculum.stages.video_finetune.max_steps=3 --resume 2>&1 | quiet | grep -v "^  " | tee "$OUT/fit_resume.log" || exit 1
+  python - "$RUNS" <<'EOF' | tee -a "$OUT/fit_resume.log"
+import json, sys, torch
+from pathlib import Path
+run = sorted(p for p in Path(sys.argv[1]).glob("*") if (p / "run.json").exists())[-1]
+print("run.json:", json.loads((run / "run.json").read_text())["finished_stages"])
+for f in sorted(run.glob("checkpoints/*/*.ckpt")):
+    ckpt = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    print(f"{f.relative_to(run)}: global_step {ckpt['global_step']}, {f.stat().st_size / 2**30:.1f} GiB")
+EOF
+  ;;
+step)
+  snapshot || exit 1
+  python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --identity --steps 3 --warmup 2 \
+    --name fit_step_1gpu --out-dir "$OUT" $EXTRA 2>&1 | quiet | tee "$OUT/fit_step_1gpu.log" || exit 1
+  python -m mm_lightning bench --profile "$PROFILE" --stage video --steps 3 --warmup 1 --device "$DEVICE" \
+    --out-dir "$OUT" 2>&1 | quiet | tee "$OUT/bench.log"
+  ;;
+sample)
+  snapshot || exit 1
+  python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --steps 0 --sample --name sample_1gpu \
+    --out-dir "$OUT" $EXTRA 2>&1 | quiet | tee "$OUT/sample_1gpu.log"
+  ;;
+multi)
+  snapshot || exit 1
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  for run in "ddp 1" "ddp 4" "fsdp 4" "deepspeed_stage_2 4" "ddp 2" "fsdp 2"; do
+    set -- $run
+    echo "=== fit_step strategy=$1 devices=$2" | tee -a "$OUT/multi.log"
+    timeout 150 python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --steps 3 --warmup 2 \
+      --name "fit_step_${1}_${2}gpu" --out-dir "$OUT" $EXTRA trainer.strategy="$1" trainer.devices="$2" \
+      2>&1 | quiet >> "$OUT/multi.log"
+    grep -E "s/step|Error" "$OUT/multi.log" | tail -n 2
+  done
+  ;;
+*) echo "usage: $0 fit|sample|multi"; exit 2 ;;
+esac

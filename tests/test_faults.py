@@ -1,0 +1,194 @@
+"""Faults a cluster run meets: SIGTERM/SIGINT to a real `fit`, unusable or concurrently created
+tracking stores, a store that goes away mid-run, corrupt checkpoints."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mm_lightning.cli import main
+from mm_lightning.curriculum import ResumeError, _latest_checkpoint
+from mm_lightning.tracking import BACKLOG_FILE, RunClient, ensure_experiment, open_store, sync_run
+
+REPO = Path(__file__).resolve().parent.parent
+SHORT_FIT = ["fit", "--experiment", "full", "eval.enabled=false", "curriculum.stages.image_pretrain.max_steps=40",
+             "curriculum.stages.video_finetune.max_steps=4", "trainer.checkpoint_every_n_steps=4"]
+
+
+def _env(workdir: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlruns/mlflow.db")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def _start_fit(workdir: Path, *args) -> subprocess.Popen:
+    # Its own session, as a scheduler starts a job: the signal reaches fit alone, and a
+    # non-interactive shell's "ignore SIGINT in background jobs" does not apply.
+    return subprocess.Popen([sys.executable, "-m", "mm_lightning", *args], cwd=workdir, env=_env(workdir),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for(pattern: str, workdir: Path, proc: subprocess.Popen, timeout: float = 600) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        found = list(workdir.glob(pattern))
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"{pattern} never appeared; fit said:\n{proc.communicate()[1][-3000:]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_marks_killed_and_resume_finishes_past_a_corrupt_last_ckpt(tmp_path):
+    proc = _start_fit(tmp_path, *SHORT_FIT)
+    _wait_for("runs/full/*/checkpoints/image_pretrain/step=8.ckpt", tmp_path, proc)  # two checkpoints kept
+    os.kill(proc.pid, signal.SIGTERM)  # what SLURM sends before it kills a job
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 143, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("fit: ")]
+    assert "stopped by SIGTERM in stage image_pretrain at step" in line and "MLflow run KILLED" in line
+    assert "resume with: python -m mm_lightning fit --experiment full --profile tiny --resume" in line
+    run_dir = next((tmp_path / "runs" / "full").iterdir())
+    state = json.loads((run_dir / "run.json").read_text())
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    assert client.get_run(state["mlflow_run_id"]).info.status == "KILLED"
+    stopped_at = int(line.split("at step ")[1].split(";")[0])
+    assert 8 <= stopped_at < 40
+
+    ckpt_dir = run_dir / "checkpoints" / "image_pretrain"
+    last = ckpt_dir / "last.ckpt"
+    with open(last, "r+b") as f:  # a truncated last.ckpt (it links to the newest step=N.ckpt)
+        f.truncate(1000)
+    (ckpt_dir / "on_exception.ckpt").unlink()  # so the previous step=N.ckpt is the good one left
+
+    result = subprocess.run([sys.executable, "-m", "mm_lightning", *SHORT_FIT, "--resume"], cwd=tmp_path,
+                            env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "image_pretrain/last.ckpt is unreadable" in result.stderr
+    assert "resuming from the previous good checkpoint" in result.stderr
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert torch.load(ckpt_dir / "final.ckpt", weights_only=False)["global_step"] == 40
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/image_pretrain/loss")}
+    assert max(steps) == 39
+
+
+@pytest.mark.slow
+def test_sigint_stops_fit_with_130_and_a_killed_run(tmp_path):
+    proc = _start_fit(tmp_path, *SHORT_FIT)
+    _wait_for("runs/full/*/checkpoints/image_pretrain/last.ckpt", tmp_path, proc)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "fit: stopped by SIGINT in stage image_pretrain" in stderr
+    run_dir = next((tmp_path / "runs" / "full").iterdir())
+    assert (run_dir / "checkpoints" / "image_pretrain" / "on_exception.ckpt").exists()
+    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    assert MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"]).get_run(run_id).info.status == "KILLED"
+
+
+def test_latest_checkpoint_passes_over_a_truncated_file(tmp_path, capsys):
+    for step in (4, 8):
+        torch.save({"global_step": step}, tmp_path / f"step={step}.ckpt")
+    (tmp_path / "last.ckpt").symlink_to("step=8.ckpt")
+    assert _latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+    (tmp_path / "step=8.ckpt").write_bytes((tmp_path / "step=8.ckpt").read_bytes()[:100])
+    assert _latest_checkpoint(tmp_path) == tmp_path / "step=4.ckpt"
+    assert f"checkpoint {tmp_path / 'last.ckpt'} is unreadable" in capsys.readouterr().err
+    (tmp_path / "step=4.ckpt").write_bytes(b"")
+    with pytest.raises(ResumeError, match="no readable checkpoint") as err:
+        _latest_checkpoint(tmp_path)
+    assert str(tmp_path / "step=4.ckpt") in str(err.value) and str(tmp_path / "last.ckpt") in str(err.value)
+
+
+@pytest.mark.parametrize("store", ["file_in_the_way", "unreachable_server"])
+def test_an_unusable_store_stops_fit_and_ablate_with_one_line_before_training(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if store == "file_in_the_way":
+        (tmp_path / "mlruns").write_text("not a folder")
+        uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    else:
+        uri = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for argv in (["fit", "--experiment", "full"], ["ablate", "--experiments", "full", "--seeds", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: tracking s") and uri in err[0], err
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only files")
+def test_a_read_only_store_is_refused(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    open_store(uri)
+    os.chmod(tmp_path / "mlflow.db", 0o444)
+    from mm_lightning.tracking import TrackingStoreError
+
+    with pytest.raises(TrackingStoreError, match="readonly|read-only"):
+        open_store(uri)
+
+
+def test_concurrent_first_use_of_a_sqlite_store(tmp_path):
+    # Three processes that create the store, its experiment and a run at the same moment.
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    script = (
+        "import sys, time\n"
+        "from mlflow import MlflowClient\n"
+        "from mm_lightning.tracking import ensure_experiment, open_store\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "open_store(sys.argv[1])\n"
+        "client = MlflowClient(sys.argv[1])\n"
+        "client.create_run(ensure_experiment(client, 'shared', sys.argv[1]))\n"
+    )
+    start = time.time() + 8  # every process has imported mlflow by then
+    procs = [subprocess.Popen([sys.executable, "-c", script, uri, str(start)], env=_env(tmp_path),
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 3, "\n".join(errors)[-3000:]
+    client = MlflowClient(uri)
+    assert len(client.search_runs([client.get_experiment_by_name("shared").experiment_id])) == 3
+
+
+def test_an_outage_is_kept_in_the_run_folder_and_sync_run_pushes_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    open_store(store)
+    run_id = MlflowClient(store).create_run(ensure_experiment(MlflowClient(store), "e", store)).info.run_id
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": store}))
+    outside = tmp_path / "eval_out"  # an artifact folder outside the run folder (a temp dir in fit)
+    outside.mkdir()
+    (outside / "per_video.json").write_text("[]")
+
+    down = RunClient(f"http://127.0.0.1:{_free_port()}", run_dir)  # nothing listens there
+    for step in range(3):
+        down.log_metric(run_id, "train/loss", 1.0 / (step + 1), step=step)
+    down.set_tag(run_id, "mm.completed", "true")
+    down.log_artifacts(run_id, str(outside), "eval")
+    down.set_terminated(run_id, "FINISHED")
+    assert down.unlogged == 6 and "unreachable" in capsys.readouterr().err
+    assert len((run_dir / BACKLOG_FILE).read_text().splitlines()) == 6
+
+    assert sync_run(run_dir) == 6
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mm.completed"] == "true"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 1, 2]
+    assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/per_video.json"]
+    assert not (run_dir / BACKLOG_FILE).exists() and sync_run(run_dir) == 0
