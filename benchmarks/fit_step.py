@@ -88,22 +88,41 @@ def train_steps(cfg, stage: str, args, identity: bool) -> dict:
     s, t = cfg.curriculum.stages[stage], cfg.trainer
     stats = StepStats()
     trainer = L.Trainer(  # curriculum.build_trainer's settings, without checkpoints or a logger
-        max_steps=args.warmup + args.steps, accumulate_grad_batches=s.accumulate_grad_batches,
-        accelerator="auto", devices=t.devices, strategy=strategy(cfg), precision=t.precision,
-        gradient_clip_val=cfg.optim.gradient_clip_val, logger=False, callbacks=[stats],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir="/tmp/fit_step",
+        max_steps=args.warmup + args.steps,
+        accumulate_grad_batches=s.accumulate_grad_batches,
+        accelerator="auto",
+        devices=t.devices,
+        strategy=strategy(cfg),
+        precision=t.precision,
+        gradient_clip_val=cfg.optim.gradient_clip_val,
+        logger=False,
+        callbacks=[stats],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir="/tmp/fit_step",
     )
     trainer.fit(module, datamodule=open_cache(cfg, stage))
-    timed = stats.times[args.warmup:]
+    timed = stats.times[args.warmup :]
     world = trainer.world_size
     return {
-        "rank": trainer.global_rank, "world_size": world, "strategy": t.strategy, "precision": t.precision,
-        "frozen_dtype": str(frozen_dtype(cfg)).removeprefix("torch."), "identity_loss": identity,
-        "batch_per_device": s.batch_size, "frames": s.frames, "height": s.height, "width": s.width,
-        "step_s_median": statistics.median(timed), "step_s_all": stats.times,
+        "rank": trainer.global_rank,
+        "world_size": world,
+        "strategy": t.strategy,
+        "precision": t.precision,
+        "frozen_dtype": str(frozen_dtype(cfg)).removeprefix("torch."),
+        "identity_loss": identity,
+        "batch_per_device": s.batch_size,
+        "frames": s.frames,
+        "height": s.height,
+        "width": s.width,
+        "step_s_median": statistics.median(timed),
+        "step_s_all": stats.times,
         "samples_per_s": world * s.batch_size * s.accumulate_grad_batches / statistics.median(timed),
-        "static_gib_per_rank": [r[0] for r in stats.per_rank], "peak_gib_per_rank": [r[1] for r in stats.per_rank],
+        "static_gib_per_rank": [r[0] for r in stats.per_rank],
+        "peak_gib_per_rank": [r[1] for r in stats.per_rank],
         "loaded": {"text_encoder": module.text_encoder is not None, "vae": module.vae is not None},
     }
 
@@ -126,12 +145,21 @@ def sample(cfg) -> dict:
     with torch.autocast(DEVICE, dtype=torch.bfloat16):  # trainable fp32, frozen bf16: as in training
         frames = sample_video(pipe, cfg, "a man walking in a park", ref, ids, seed=0)
     _sync()
-    rows["magicmirror"] = {"seconds": time.perf_counter() - start, "peak_gib": _peak_gib(),
-                           "frames": list(frames.shape)}
+    rows["magicmirror"] = {
+        "seconds": time.perf_counter() - start,
+        "peak_gib": _peak_gib(),
+        "frames": list(frames.shape),
+    }
     bare_transformer = CogVideoXTransformer3DModel.from_pretrained(
-        cfg.weights.transformer, torch_dtype=torch.bfloat16, local_files_only=True).to(DEVICE)
-    bare = CogVideoXPipeline(tokenizer=module.tokenizer, text_encoder=module.text_encoder, vae=module.vae,
-                             transformer=bare_transformer, scheduler=pipe.scheduler)
+        cfg.weights.transformer, torch_dtype=torch.bfloat16, local_files_only=True
+    ).to(DEVICE)
+    bare = CogVideoXPipeline(
+        tokenizer=module.tokenizer,
+        text_encoder=module.text_encoder,
+        vae=module.vae,
+        transformer=bare_transformer,
+        scheduler=pipe.scheduler,
+    )
     bare.set_progress_bar_config(disable=True)
     del module.transformer, pipe
     bare.vae.enable_slicing()
@@ -139,15 +167,29 @@ def sample(cfg) -> dict:
         bare.vae.enable_tiling()
     _reset_peak()
     start = time.perf_counter()
-    out = bare(prompt="a man walking in a park", negative_prompt=s.negative_prompt, num_frames=s.num_frames,
-               height=s.height, width=s.width, num_inference_steps=s.num_inference_steps,
-               guidance_scale=s.guidance_scale, generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+    out = bare(
+        prompt="a man walking in a park",
+        negative_prompt=s.negative_prompt,
+        num_frames=s.num_frames,
+        height=s.height,
+        width=s.width,
+        num_inference_steps=s.num_inference_steps,
+        guidance_scale=s.guidance_scale,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).frames[0]
     _sync()
-    rows["bare"] = {"seconds": time.perf_counter() - start, "peak_gib": _peak_gib(),
-                    "frames": list(out.shape)}
+    rows["bare"] = {"seconds": time.perf_counter() - start, "peak_gib": _peak_gib(), "frames": list(out.shape)}
     rows["ratio"] = rows["magicmirror"]["seconds"] / rows["bare"]["seconds"]
-    rows["settings"] = {"steps": s.num_inference_steps, "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
-                        "frames": s.num_frames, "height": s.height, "width": s.width, "vae_tiling": s.vae_tiling}
+    rows["settings"] = {
+        "steps": s.num_inference_steps,
+        "guidance_scale": s.guidance_scale,
+        "scheduler": s.scheduler,
+        "frames": s.num_frames,
+        "height": s.height,
+        "width": s.width,
+        "vae_tiling": s.vae_tiling,
+    }
     return rows
 
 
@@ -174,10 +216,19 @@ def main() -> None:
     parser.add_argument("--out-dir", default="benchmarks")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    cfg = snapshot_config("full", args.profile, Path(args.snapshot).resolve(),
-                          ["eval.enabled=false", "loss.identity_weight=0", *args.overrides])
-    report = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if CUDA else "cpu",
-              "torch": torch.__version__, "overrides": args.overrides, "runs": []}
+    cfg = snapshot_config(
+        "full",
+        args.profile,
+        Path(args.snapshot).resolve(),
+        ["eval.enabled=false", "loss.identity_weight=0", *args.overrides],
+    )
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+        "torch": torch.__version__,
+        "overrides": args.overrides,
+        "runs": [],
+    }
     if args.steps:  # --steps 0 --sample: sampling only
         report["runs"].append(train_steps(cfg, args.stage, args, identity=False))
     if args.steps and args.identity:
@@ -186,10 +237,13 @@ def main() -> None:
     if report["runs"] and report["runs"][0]["rank"] != 0:
         return
     for run in report["runs"]:
-        print(f"{run['strategy']} x{run['world_size']} identity={run['identity_loss']}: "
-              f"{run['step_s_median']:.3f} s/step, "
-              f"{run['samples_per_s']:.3f} samples/s, peak {max(run['peak_gib_per_rank']):.1f} GiB "
-              f"(static {max(run['static_gib_per_rank']):.1f})", flush=True)
+        print(
+            f"{run['strategy']} x{run['world_size']} identity={run['identity_loss']}: "
+            f"{run['step_s_median']:.3f} s/step, "
+            f"{run['samples_per_s']:.3f} samples/s, peak {max(run['peak_gib_per_rank']):.1f} GiB "
+            f"(static {max(run['static_gib_per_rank']):.1f})",
+            flush=True,
+        )
     if args.sample:
         report["sampling"] = sample(cfg)
         print(json.dumps(report["sampling"], indent=2), flush=True)

@@ -37,8 +37,12 @@ def main() -> None:
     parser.add_argument("--out-dir", default="benchmarks")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    cfg = snapshot_config("full", args.profile, Path(args.snapshot).resolve(),
-                          ["eval.enabled=false", "loss.identity_weight=0", *args.overrides])
+    cfg = snapshot_config(
+        "full",
+        args.profile,
+        Path(args.snapshot).resolve(),
+        ["eval.enabled=false", "loss.identity_weight=0", *args.overrides],
+    )
     module = MagicMirrorModule(cfg, stage=cfg.curriculum.order[-1]).to(dtype=torch.bfloat16).eval()
     if args.offload == "none":
         module.to("cuda")
@@ -55,14 +59,24 @@ def main() -> None:
     torch.cuda.synchronize()
     s = cfg.sampling
     report = {
-        "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "profile": args.profile, "offload": args.offload, "int8": args.int8,
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "profile": args.profile,
+        "offload": args.offload,
+        "int8": args.int8,
         "seconds": round(time.perf_counter() - start, 1),
         "peak_allocated_gib": round(gib(torch.cuda.max_memory_allocated()), 2),
         "peak_reserved_gib": round(gib(torch.cuda.max_memory_reserved()), 2),
         "frames": list(frames.shape),
-        "settings": {"steps": s.num_inference_steps, "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
-                     "vae_slicing": s.vae_slicing, "vae_tiling": s.vae_tiling, "overrides": args.overrides},
+        "settings": {
+            "steps": s.num_inference_steps,
+            "guidance_scale": s.guidance_scale,
+            "scheduler": s.scheduler,
+            "vae_slicing": s.vae_slicing,
+            "vae_tiling": s.vae_tiling,
+            "overrides": args.overrides,
+        },
     }
     print(json.dumps(report, indent=2), flush=True)
     name = args.name or f"generate_{args.profile}_{args.offload}" + ("_int8" if args.int8 else "")

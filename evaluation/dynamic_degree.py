@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from evaluation.flow import DISFlow, FlowEstimator
-from evaluation.video_mean import VideoMean
+from mm_lightning.evaluation.flow import DISFlow, FlowEstimator
+from mm_lightning.evaluation.video_mean import VideoMean
 
 
 def top5_magnitude(flow: np.ndarray) -> float:

@@ -44,7 +44,9 @@ def load_eval_set(path: str | Path) -> list[EvalItem]:
     per_identity = int(spec.get("prompts_per_identity", 4))
     for identity in spec["identities"]:
         if not 1 <= len(identity["references"]) <= 4:
-            raise ValueError(f"{path}: identity {identity['name']!r} needs 1-4 reference images, has {len(identity['references'])}")
+            raise ValueError(
+                f"{path}: identity {identity['name']!r} needs 1-4 reference images, has {len(identity['references'])}"
+            )
     default_negative = spec.get("negative_prompt")
     prompts = [p if isinstance(p, dict) else {"prompt": p} for p in spec["prompts"][:per_identity]]
     for p in prompts:
@@ -52,8 +54,12 @@ def load_eval_set(path: str | Path) -> list[EvalItem]:
             raise ValueError(f"{path}: a prompt is a string or a mapping with 'prompt' and 'negative_prompt', got {p}")
     # Prompt-major order, so that eval.max_videos keeps as many identities as it can.
     return [
-        EvalItem(identity["name"], [path.parent / r for r in identity["references"]],
-                 p["prompt"].format(who=f"a {identity['class_word']}"), p.get("negative_prompt", default_negative))
+        EvalItem(
+            identity["name"],
+            [path.parent / r for r in identity["references"]],
+            p["prompt"].format(who=f"a {identity['class_word']}"),
+            p.get("negative_prompt", default_negative),
+        )
         for p in prompts
         for identity in spec["identities"]
     ]

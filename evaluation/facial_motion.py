@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from evaluation.video_mean import VideoMean
+from mm_lightning.evaluation.video_mean import VideoMean
 
 Landmarks = np.ndarray  # [5, 2] pixels (x, y)
 NORMALISATIONS = ("frame", "face")
@@ -66,22 +66,34 @@ def landmark_distance(a: np.ndarray, b: np.ndarray, reduction: str = "sum") -> f
     raise ValueError(f"unknown reduction {reduction!r}; use 'sum' or 'mean'")
 
 
-def fm_ref(frame_landmarks: Sequence[Landmarks | None], frame_size: tuple[int, int],
-           reference_landmarks: Sequence[tuple[Landmarks, tuple[int, int]]], reduction: str = "sum",
-           normalise: str = "frame") -> float:
+def fm_ref(
+    frame_landmarks: Sequence[Landmarks | None],
+    frame_size: tuple[int, int],
+    reference_landmarks: Sequence[tuple[Landmarks, tuple[int, int]]],
+    reduction: str = "sum",
+    normalise: str = "frame",
+) -> float:
     """FM_ref = mean over face frames i and references r of d(A_i, R_r).
 
     frame_size and each reference's size are (H, W). NaN when no sampled frame has a face.
     """
     h, w = frame_size
     refs = [aligned(lm, size[1], size[0], normalise) for lm, size in reference_landmarks]
-    dists = [landmark_distance(aligned(lm, w, h, normalise), ref, reduction)
-             for lm in frame_landmarks if lm is not None for ref in refs]
+    dists = [
+        landmark_distance(aligned(lm, w, h, normalise), ref, reduction)
+        for lm in frame_landmarks
+        if lm is not None
+        for ref in refs
+    ]
     return float(np.mean(dists)) if dists else math.nan
 
 
-def fm_inter(frame_landmarks: Sequence[Landmarks | None], frame_size: tuple[int, int], reduction: str = "sum",
-             normalise: str = "frame") -> float:
+def fm_inter(
+    frame_landmarks: Sequence[Landmarks | None],
+    frame_size: tuple[int, int],
+    reduction: str = "sum",
+    normalise: str = "frame",
+) -> float:
     """FM_inter = max over pairs i < j of face frames of d(A_i, A_j); NaN with fewer than two.
 
     The maximum grows with the number of frames compared, so compare runs at one frames_sampled.
@@ -103,8 +115,12 @@ class FacialMotionRef(VideoMean):
         super().__init__(**kwargs)
         self.reduction, self.normalise = reduction, normalise
 
-    def update(self, frame_landmarks: Sequence[Landmarks | None], frame_size: tuple[int, int],
-               reference_landmarks: Sequence[tuple[Landmarks, tuple[int, int]]]) -> None:
+    def update(
+        self,
+        frame_landmarks: Sequence[Landmarks | None],
+        frame_size: tuple[int, int],
+        reference_landmarks: Sequence[tuple[Landmarks, tuple[int, int]]],
+    ) -> None:
         self._add_video(fm_ref(frame_landmarks, frame_size, reference_landmarks, self.reduction, self.normalise))
 
 

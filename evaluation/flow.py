@@ -45,14 +45,22 @@ class FarnebackFlow:
     local patch moving 24+ px per frame is under-read badly, at full size and shrunk alike.
     """
 
-    def __init__(self, max_side: int | None = None, levels: int = 5, winsize: int = 15, iterations: int = 3,
-                 poly_n: int = 5, poly_sigma: float = 1.1) -> None:
+    def __init__(
+        self,
+        max_side: int | None = None,
+        levels: int = 5,
+        winsize: int = 15,
+        iterations: int = 3,
+        poly_n: int = 5,
+        poly_sigma: float = 1.1,
+    ) -> None:
         self.max_side = max_side
         self.params = (0.5, levels, winsize, iterations, poly_n, poly_sigma, 0)
 
     def __call__(self, frame_a: np.ndarray, frame_b: np.ndarray) -> np.ndarray:
-        return cv2.calcOpticalFlowFarneback(_gray(frame_a, self.max_side), _gray(frame_b, self.max_side),
-                                            None, *self.params)
+        return cv2.calcOpticalFlowFarneback(
+            _gray(frame_a, self.max_side), _gray(frame_b, self.max_side), None, *self.params
+        )
 
 
 class DISFlow:
@@ -69,19 +77,31 @@ class DISFlow:
     None keeps the preset's value. max_side shrinks the frames first (as FarnebackFlow).
     """
 
-    PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
-               "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+    PRESETS = {
+        "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+        "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+        "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
+    }
 
-    def __init__(self, preset: str = "medium", patch_size: int | None = 4, patch_stride: int | None = 2,
-                 finest_scale: int | None = 2, refinement_iterations: int | None = 0,
-                 max_side: int | None = None) -> None:
+    def __init__(
+        self,
+        preset: str = "medium",
+        patch_size: int | None = 4,
+        patch_stride: int | None = 2,
+        finest_scale: int | None = 2,
+        refinement_iterations: int | None = 0,
+        max_side: int | None = None,
+    ) -> None:
         if preset not in self.PRESETS:
             raise ValueError(f"unknown DIS preset {preset!r}; choose one of {sorted(self.PRESETS)}")
         self.max_side = max_side
         self._dis = cv2.DISOpticalFlow_create(self.PRESETS[preset])
-        setters = {self._dis.setPatchSize: patch_size, self._dis.setPatchStride: patch_stride,
-                   self._dis.setFinestScale: finest_scale,
-                   self._dis.setVariationalRefinementIterations: refinement_iterations}
+        setters = {
+            self._dis.setPatchSize: patch_size,
+            self._dis.setPatchStride: patch_stride,
+            self._dis.setFinestScale: finest_scale,
+            self._dis.setVariationalRefinementIterations: refinement_iterations,
+        }
         for setter, value in setters.items():
             if value is not None:
                 setter(value)
@@ -134,7 +154,7 @@ class RaftFlow:
         (a, (top, left, h, w)), (b, _) = self._tensor(frame_a), self._tensor(frame_b)
         with torch.no_grad():
             flow = self.model(a, b, num_flow_updates=self.iterations)[-1]  # [1, 2, H', W'], last refinement
-        return flow[0, :, top:top + h, left:left + w].permute(1, 2, 0).float().cpu().numpy()
+        return flow[0, :, top : top + h, left : left + w].permute(1, 2, 0).float().cpu().numpy()
 
 
 def build_flow(name: str, max_side: int | None = None, weights: str | None = None) -> FlowEstimator:
@@ -145,7 +165,9 @@ def build_flow(name: str, max_side: int | None = None, weights: str | None = Non
         return FarnebackFlow(max_side=max_side)
     if name == "raft":
         if not weights:
-            raise FileNotFoundError("eval.flow=raft needs a local RAFT weights file: set eval.flow_weights "
-                                    "(--flow-weights), e.g. torchvision's raft_large_C_T_V2 state dict")
+            raise FileNotFoundError(
+                "eval.flow=raft needs a local RAFT weights file: set eval.flow_weights "
+                "(--flow-weights), e.g. torchvision's raft_large_C_T_V2 state dict"
+            )
         return RaftFlow(weights)
     raise ValueError(f"unknown flow estimator {name!r}; choose one of {FLOWS}")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 
-from evaluation.dynamic_degree import top5_magnitude, vbench_threshold
-from evaluation.flow import DISFlow, FarnebackFlow, FlowEstimator
-from evaluation.synthetic import moving_patch, translating_texture
+from mm_lightning.evaluation.dynamic_degree import top5_magnitude, vbench_threshold
+from mm_lightning.evaluation.flow import DISFlow, FarnebackFlow, FlowEstimator
+from mm_lightning.evaluation.synthetic import moving_patch, translating_texture
 
 DISPLACEMENTS = (1, 2, 4, 8, 10, 12, 16, 24, 32, 48, 64)
 SIZE = (480, 720)
@@ -45,21 +45,32 @@ def reading(flow: FlowEstimator, pair) -> tuple[float, float]:
 
 def displacement_table(displacements=DISPLACEMENTS) -> str:
     """Markdown: one row per estimator and motion kind, one column per true displacement."""
-    pairs = {(kind, d): (translating_texture(d, num_frames=2, size=SIZE) if kind == "global"
-                         else moving_patch(d, num_frames=2, size=SIZE))
-             for kind in ("global", "local") for d in displacements}
+    pairs = {
+        (kind, d): (
+            translating_texture(d, num_frames=2, size=SIZE)
+            if kind == "global"
+            else moving_patch(d, num_frames=2, size=SIZE)
+        )
+        for kind in ("global", "local")
+        for d in displacements
+    }
     thres = vbench_threshold(SIZE)
     header = ["estimator", "motion", *[f"{d}" for d in displacements], "wrong", "ms/pair"]
-    lines = ["# Flow estimators against known displacements (480x720)", "",
-             "Made by `python -m mm_lightning bench-metrics --flow-table benchmarks/flow_displacement.md`",
-             "(evaluation/flow_displacement.py). Columns: true displacement in px/frame; cells: the estimator's",
-             "top-5% flow magnitude (dynamic degree's per-pair score) in full-frame px. global: the whole frame",
-             "shifts; local: a 160-px textured patch moves over a static textured background. * marks a reading",
-             f"on the wrong side of VBench's threshold 6*480/256 = {thres:g} px. ms/pair: median wall time of one",
-             "pair on a shared 2-core CPU (timings are noisy). One pair per cell, the patch at one position: at",
-             "64 px/frame the readings of `dis` vary with the patch position (23-64 px in",
-             "tests/evaluation/test_dynamic_degree.py), still well above the threshold.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        "# Flow estimators against known displacements (480x720)",
+        "",
+        "Made by `python -m mm_lightning bench-metrics --flow-table benchmarks/flow_displacement.md`",
+        "(evaluation/flow_displacement.py). Columns: true displacement in px/frame; cells: the estimator's",
+        "top-5% flow magnitude (dynamic degree's per-pair score) in full-frame px. global: the whole frame",
+        "shifts; local: a 160-px textured patch moves over a static textured background. * marks a reading",
+        f"on the wrong side of VBench's threshold 6*480/256 = {thres:g} px. ms/pair: median wall time of one",
+        "pair on a shared 2-core CPU (timings are noisy). One pair per cell, the patch at one position: at",
+        "64 px/frame the readings of `dis` vary with the patch position (23-64 px in",
+        "tests/evaluation/test_dynamic_degree.py), still well above the threshold.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for name, flow in estimators().items():
         for kind in ("global", "local"):
             cells, wrong, seconds = [], 0, []

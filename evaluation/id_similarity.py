@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from evaluation.video_mean import VideoMean
+from mm_lightning.evaluation.video_mean import VideoMean
 
 
 def frame_similarities(frame_embeddings: Sequence[np.ndarray | None], references: np.ndarray) -> list[float | None]:
@@ -59,9 +59,13 @@ class IDSimilarity(VideoMean):
     def compute(self) -> dict[str, torch.Tensor]:
         frames = self.frames_scored.double()
         face_rate = 1 - self.no_face_frames / frames if frames > 0 else torch.tensor(math.nan, dtype=torch.float64)
-        return {"id_similarity": super().compute(), "no_face_frames": self.no_face_frames,
-                "frames_scored": self.frames_scored, "face_rate": face_rate,
-                "videos_without_face": self.videos_without_face}
+        return {
+            "id_similarity": super().compute(),
+            "no_face_frames": self.no_face_frames,
+            "frames_scored": self.frames_scored,
+            "face_rate": face_rate,
+            "videos_without_face": self.videos_without_face,
+        }
 
 
 def face_rate(similarities: Sequence[float | None]) -> float:

@@ -41,16 +41,18 @@ class FrameInceptionScore(InceptionScore):
     Inception-v3 on the local `weights` file (see inception_unavailable_reason).
     """
 
-    def __init__(self, weights: str | Path | None = None, classifier: torch.nn.Module | None = None,
-                 **kwargs) -> None:
+    def __init__(self, weights: str | Path | None = None, classifier: torch.nn.Module | None = None, **kwargs) -> None:
         if classifier is None:
             reason = inception_unavailable_reason(weights)
             if reason:
                 raise FileNotFoundError(reason)
             from torchmetrics.image.fid import NoTrainInceptionV3
 
-            classifier = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
-                                            feature_extractor_weights_path=str(Path(weights).expanduser()))
+            classifier = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=["logits_unbiased"],
+                feature_extractor_weights_path=str(Path(weights).expanduser()),
+            )
         super().__init__(feature=classifier, **kwargs)
 
     def update(self, frames: np.ndarray) -> None:

@@ -20,8 +20,8 @@ import math
 import cv2
 import numpy as np
 
-from evaluation.flow import DISFlow, FlowEstimator
-from evaluation.video_mean import VideoMean
+from mm_lightning.evaluation.flow import DISFlow, FlowEstimator
+from mm_lightning.evaluation.video_mean import VideoMean
 
 
 def motion_smoothness(video: np.ndarray, fps: float, flow: FlowEstimator) -> float:
@@ -35,13 +35,18 @@ def motion_smoothness(video: np.ndarray, fps: float, flow: FlowEstimator) -> flo
         current = flow(a, b)  # [h, w, 2]
         if previous is not None:
             if grid is None:
-                grid = np.mgrid[0:current.shape[0], 0:current.shape[1]][::-1].transpose(1, 2, 0).astype(np.float32)
+                grid = np.mgrid[0 : current.shape[0], 0 : current.shape[1]][::-1].transpose(1, 2, 0).astype(np.float32)
             # F_t sampled where each point of frame t-1 went, i.e. at x + F_{t-1}(x); edges replicated.
             followed = cv2.remap(current, grid + previous, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
             difference = followed - previous
             change += float(cv2.magnitude(difference[..., 0], difference[..., 1]).sum())
-            magnitude += float(cv2.magnitude(followed[..., 0], followed[..., 1]).sum()
-                               + cv2.magnitude(previous[..., 0], previous[..., 1]).sum()) / 2
+            magnitude += (
+                float(
+                    cv2.magnitude(followed[..., 0], followed[..., 1]).sum()
+                    + cv2.magnitude(previous[..., 0], previous[..., 1]).sum()
+                )
+                / 2
+            )
             magnitude += previous.shape[0] * previous.shape[1] / 2  # the 1-px floor per pixel and pair, once doubled
         previous = current
     return change / (2 * magnitude)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from evaluation.video_mean import VideoMean
+from mm_lightning.evaluation.video_mean import VideoMean
 
 
 def similarity_decay(similarities: Sequence[float | None]) -> float:

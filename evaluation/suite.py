@@ -8,15 +8,15 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from evaluation.dynamic_degree import DynamicDegree
-from evaluation.facial_motion import FacialMotionInter, FacialMotionRef
-from evaluation.flow import build_flow
-from evaluation.id_similarity import IDSimilarity, face_rate, frame_similarities
-from evaluation.inception_score import FrameInceptionScore, inception_unavailable_reason
-from evaluation.motion_smoothness import MotionSmoothness
-from evaluation.sampling import uniform_indices
-from evaluation.similarity_decay import SimilarityDecay
-from evaluation.text_alignment import TextAlignment, clip_unavailable_reason
+from mm_lightning.evaluation.dynamic_degree import DynamicDegree
+from mm_lightning.evaluation.facial_motion import FacialMotionInter, FacialMotionRef
+from mm_lightning.evaluation.flow import build_flow
+from mm_lightning.evaluation.id_similarity import IDSimilarity, face_rate, frame_similarities
+from mm_lightning.evaluation.inception_score import FrameInceptionScore, inception_unavailable_reason
+from mm_lightning.evaluation.motion_smoothness import MotionSmoothness
+from mm_lightning.evaluation.sampling import uniform_indices
+from mm_lightning.evaluation.similarity_decay import SimilarityDecay
+from mm_lightning.evaluation.text_alignment import TextAlignment, clip_unavailable_reason
 from mm_lightning.faces import FaceAnalyzer, build_face_analyzer
 
 
@@ -65,16 +65,18 @@ class VideoEvaluator:
         self.analyzer = analyzer or build_face_analyzer(c.face_backend, c.insightface_root, c.insightface_model)
         # A sentence for the run's tags when text alignment is left out; None when it is scored.
         self.text_alignment_skipped = clip_unavailable_reason(c.clip_path)
-        self.metrics = torch.nn.ModuleDict({
-            "id_similarity": IDSimilarity(c.no_face_similarity),
-            "similarity_decay": SimilarityDecay(),
-            "fm_ref": FacialMotionRef(c.fm_reduction),
-            "fm_inter": FacialMotionInter(c.fm_reduction),
-            "fm_ref_face": FacialMotionRef(c.fm_reduction, normalise="face"),
-            "fm_inter_face": FacialMotionInter(c.fm_reduction, normalise="face"),
-            "dynamic_degree": DynamicDegree(flow := build_flow(c.flow, c.flow_max_side, c.flow_weights)),
-            "motion_smoothness": MotionSmoothness(flow),
-        })
+        self.metrics = torch.nn.ModuleDict(
+            {
+                "id_similarity": IDSimilarity(c.no_face_similarity),
+                "similarity_decay": SimilarityDecay(),
+                "fm_ref": FacialMotionRef(c.fm_reduction),
+                "fm_inter": FacialMotionInter(c.fm_reduction),
+                "fm_ref_face": FacialMotionRef(c.fm_reduction, normalise="face"),
+                "fm_inter_face": FacialMotionInter(c.fm_reduction, normalise="face"),
+                "dynamic_degree": DynamicDegree(flow := build_flow(c.flow, c.flow_max_side, c.flow_weights)),
+                "motion_smoothness": MotionSmoothness(flow),
+            }
+        )
         # Which CLIP scored text alignment (name and weights hash), for the run's tags; None when left out.
         self.text_alignment_provenance = None
         if self.text_alignment_skipped is None:
@@ -96,8 +98,13 @@ class VideoEvaluator:
         sizes = [img.shape[:2] for img in images]
         return Reference(np.stack([f.embedding for f in faces]), [(f.landmarks, size) for f, size in zip(faces, sizes)])
 
-    def score_video(self, frames: np.ndarray, fps: float, reference_images: Sequence[np.ndarray] | Reference,
-                    prompt: str | None = None) -> dict:
+    def score_video(
+        self,
+        frames: np.ndarray,
+        fps: float,
+        reference_images: Sequence[np.ndarray] | Reference,
+        prompt: str | None = None,
+    ) -> dict:
         """Per-video values of one uint8 RGB video [T, H, W, 3]; each metric accumulates them."""
         frames = np.asarray(frames)
         ref = reference_images if isinstance(reference_images, Reference) else self.prepare_reference(reference_images)
@@ -123,8 +130,12 @@ class VideoEvaluator:
             result["text_alignment"] = float(m["text_alignment"](sampled, prompt))
         if "inception_score" in m:
             m["inception_score"].update(sampled)  # a score of the whole set: no per-video value
-        result.update(no_face_frames=sims.count(None), frames_scored=len(sims), face_rate=face_rate(sims),
-                      per_frame_similarity=sims)
+        result.update(
+            no_face_frames=sims.count(None),
+            frames_scored=len(sims),
+            face_rate=face_rate(sims),
+            per_frame_similarity=sims,
+        )
         return result
 
     def compute(self) -> dict[str, float]:

@@ -31,8 +31,9 @@ def camera() -> np.ndarray:
     return np.repeat(data.camera()[..., None], 3, axis=2)
 
 
-def sliding_photo(photo: np.ndarray, num_frames: int = 49, size: tuple[int, int] = (480, 720),
-                  speed: int = 0, photo_height: int = 360) -> np.ndarray:
+def sliding_photo(
+    photo: np.ndarray, num_frames: int = 49, size: tuple[int, int] = (480, 720), speed: int = 0, photo_height: int = 360
+) -> np.ndarray:
     """uint8 [T, H, W, 3]: `photo` (scaled to photo_height) on a grey frame, moving `speed` px per frame.
 
     It bounces between the left and right edges (a triangle wave), so it stays in view and moves at
@@ -46,7 +47,7 @@ def sliding_photo(photo: np.ndarray, num_frames: int = 49, size: tuple[int, int]
     for t in range(num_frames):
         x = (t * speed) % (2 * span) if span else 0
         x = x if x <= span else 2 * span - x
-        video[t, top:top + photo_height, x:x + pw] = scaled
+        video[t, top : top + photo_height, x : x + pw] = scaled
     return video
 
 
@@ -68,8 +69,12 @@ def _rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
-def composite(photo: np.ndarray, size: tuple[int, int] = (480, 720), photo_height: int = 360,
-              center: tuple[float, float] | None = None) -> np.ndarray:
+def composite(
+    photo: np.ndarray,
+    size: tuple[int, int] = (480, 720),
+    photo_height: int = 360,
+    center: tuple[float, float] | None = None,
+) -> np.ndarray:
     """uint8 [H, W, 3]: `photo` scaled to photo_height (aspect kept) on a grey frame, its centre at
     `center` (x, y) in frame pixels (default: the frame's centre); parts outside the frame are cut."""
     h, w = size
@@ -77,8 +82,14 @@ def composite(photo: np.ndarray, size: tuple[int, int] = (480, 720), photo_heigh
     scale = photo_height / photo.shape[0]
     # One affine resample: scale about the photo's origin, then move its centre to (cx, cy).
     m = np.float32([[scale, 0, cx - scale * photo.shape[1] / 2], [0, scale, cy - photo_height / 2]])
-    return cv2.warpAffine(photo, m, (w, h), flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(128, 128, 128))
+    return cv2.warpAffine(
+        photo,
+        m,
+        (w, h),
+        flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(128, 128, 128),
+    )
 
 
 def widen(photo: np.ndarray, center: tuple[float, float], shift: float, radius: float) -> np.ndarray:
@@ -88,13 +99,14 @@ def widen(photo: np.ndarray, center: tuple[float, float], shift: float, radius: 
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     dx, dy = xs - center[0], ys - center[1]
     # Horizontal displacement shift * (dx / radius) inside the radius, Gaussian fall-off outside it.
-    weight = np.exp(-np.maximum(np.hypot(dx, dy) - radius, 0) ** 2 / (2 * (0.5 * radius) ** 2))
+    weight = np.exp(-(np.maximum(np.hypot(dx, dy) - radius, 0) ** 2) / (2 * (0.5 * radius) ** 2))
     move = shift * np.clip(dx / radius, -1, 1) * weight * (np.abs(dy) < 1.5 * radius)
     return cv2.remap(photo, xs - move.astype(np.float32), ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
 
-def translating_texture(shift: float, num_frames: int = 17, size: int | tuple[int, int] = 256,
-                        seed: int = 0) -> np.ndarray:
+def translating_texture(
+    shift: float, num_frames: int = 17, size: int | tuple[int, int] = 256, seed: int = 0
+) -> np.ndarray:
     """uint8 [T, H, W, 3]: a window over blurred noise moving `shift` px per frame (all pixels move).
 
     size: an int for a square frame, or (H, W).
@@ -104,8 +116,9 @@ def translating_texture(shift: float, num_frames: int = 17, size: int | tuple[in
     return _rgb(np.stack([_shifted(noise, -t * shift, (h, w)) for t in range(num_frames)]))
 
 
-def moving_patch(shift: float, num_frames: int = 9, size: tuple[int, int] = (480, 720), patch: int = 160,
-                 seed: int = 0) -> np.ndarray:
+def moving_patch(
+    shift: float, num_frames: int = 9, size: tuple[int, int] = (480, 720), patch: int = 160, seed: int = 0
+) -> np.ndarray:
     """uint8 [T, H, W, 3]: a textured `patch`-px square moving `shift` px per frame to the right over a
     static textured background (local motion: at 160 px in 480x720, 7.4% of the pixels move, more than
     the top 5% dynamic degree averages, so exact flow scores exactly `shift`)."""
@@ -118,9 +131,9 @@ def moving_patch(shift: float, num_frames: int = 9, size: tuple[int, int] = (480
         # The patch moves left to right and stays in view: start so that the last frame ends at the right edge.
         x = (w - patch - shift * (num_frames - 1)) / 2 + t * shift
         x0 = int(np.floor(x))
-        window = _shifted(texture, x - x0, (patch, patch + 1))[:, :patch + 1]
+        window = _shifted(texture, x - x0, (patch, patch + 1))[:, : patch + 1]
         mask = _shifted(np.ones((patch, patch), np.float32), x - x0, (patch, patch + 1))
-        region = frame[top:top + patch, x0:x0 + patch + 1]
+        region = frame[top : top + patch, x0 : x0 + patch + 1]
         region[:] = mask * window + (1 - mask) * region
         frames.append(frame)
     return _rgb(np.stack(frames))

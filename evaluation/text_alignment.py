@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.video_mean import VideoMean
+from mm_lightning.evaluation.video_mean import VideoMean
 
 # Alternatives per role: a folder needs one file of each group.
 _CLIP_FILES = {
@@ -42,8 +42,11 @@ def clip_unavailable_reason(clip_path: str | Path | None) -> str | None:
 def weights_sha256(folder: str | Path) -> str:
     """SHA-256 over the folder's weight files (sorted by name), streamed: a few seconds for CLIP ViT-L."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).iterdir() if p.name in _CLIP_FILES["weights"] or
-                       (p.name.startswith("model-") and p.suffix == ".safetensors")):
+    for path in sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.name in _CLIP_FILES["weights"] or (p.name.startswith("model-") and p.suffix == ".safetensors")
+    ):
         with path.open("rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
@@ -78,8 +81,9 @@ class TextAlignment(VideoMean):
 
     higher_is_better = True
 
-    def __init__(self, clip_path: str | Path, device: str | torch.device = "cpu", batch_size: int = 16,
-                 **kwargs) -> None:
+    def __init__(
+        self, clip_path: str | Path, device: str | torch.device = "cpu", batch_size: int = 16, **kwargs
+    ) -> None:
         reason = clip_unavailable_reason(clip_path)
         if reason:
             raise FileNotFoundError(reason)
@@ -94,8 +98,9 @@ class TextAlignment(VideoMean):
         self.image_processor = processor_cls.from_pretrained(clip_path)
         processor = transformers.CLIPProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer)
         # CLIPScore loads by hub name unless given a callable: ours hands it the local model.
-        self.clip_score = CLIPScore(model_name_or_path=lambda: (_FeatureTensors(self.model), processor),
-                                    sync_on_compute=False)
+        self.clip_score = CLIPScore(
+            model_name_or_path=lambda: (_FeatureTensors(self.model), processor), sync_on_compute=False
+        )
         self.batch_size = batch_size
         self.provenance = f"CLIPScore on {Path(clip_path).name} (weights sha256 {weights_sha256(clip_path)})"
 
@@ -104,7 +109,7 @@ class TextAlignment(VideoMean):
         self.clip_score.reset()
         device = next(self.model.parameters()).device  # CLIPScore moves the model to the images' device
         for start in range(0, len(frames), self.batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(frames[start:start + self.batch_size]))
+            batch = torch.from_numpy(np.ascontiguousarray(frames[start : start + self.batch_size]))
             self.clip_score.update(batch.permute(0, 3, 1, 2).to(device), [prompt] * len(batch))  # [B, 3, H, W] uint8
         return float(self.clip_score.compute()) / 100
 

@@ -1,4 +1,4 @@
-"""Reading videos as uint8 RGB arrays [T, H, W, 3] (and reference images as [H, W, 3]), writing mp4."""
+"""Reading whole videos as uint8 RGB arrays [T, H, W, 3], writing mp4. Images: mm_lightning.data.media."""
 
 from __future__ import annotations
 
@@ -6,16 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-
-class MediaReadError(RuntimeError):
-    """A video or image that is missing, empty or cannot be decoded; the message names the file."""
+from mm_lightning.data.media import MediaNotFoundError, MediaReadError
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     """Decode every frame of `path` with decord: (uint8 [T, H, W, 3] RGB, fps)."""
     path = Path(path)
     if not path.is_file():
-        raise MediaReadError(f"video not found: {path}")
+        raise MediaNotFoundError(f"video not found: {path}")
     # decord imported lazily: it loads native libraries that plain metric code never needs.
     import decord
 
@@ -30,24 +28,6 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     return frames, fps
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as uint8 RGB [H, W, 3]; grey and RGBA images are converted."""
-    import imageio.v2 as imageio
-
-    path = Path(path)
-    if not path.is_file():
-        raise MediaReadError(f"image not found: {path}")
-    try:
-        image = np.asarray(imageio.imread(path))
-    except Exception as err:  # imageio raises plugin-specific errors
-        raise MediaReadError(f"cannot decode image {path}: {err}") from err
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.dtype != np.uint8:
-        raise MediaReadError(f"expected an 8-bit grey, RGB or RGBA image: {path} is {image.shape} {image.dtype}")
-    return np.ascontiguousarray(image[..., :3])
-
-
 def write_video(path: str | Path, frames: np.ndarray, fps: float) -> Path:
     """Encode uint8 RGB [T, H, W, 3] as H.264 mp4 (yuv420p, so any player opens it)."""
     import imageio.v2 as imageio
@@ -56,8 +36,9 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # macro_block_size=1: keep the exact size; imageio would otherwise resize to multiples of 16.
     # yuv420p needs even height and width.
-    with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                            pixelformat="yuv420p") as writer:
+    with imageio.get_writer(
+        path, fps=fps, codec="libx264", quality=8, macro_block_size=1, pixelformat="yuv420p"
+    ) as writer:
         for frame in np.asarray(frames, dtype=np.uint8):
             writer.append_data(frame)
     return path

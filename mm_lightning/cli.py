@@ -33,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"mm_lightning.commands.{name.replace('-', '_')}")
         command = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command)
-        command.add_argument("--verbose", action="store_true",
-                             help="show third-party warnings, logs and weight-loading bars (hidden by default)")
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show third-party warnings, logs and weight-loading bars (hidden by default)",
+        )
         command.set_defaults(run=module.run)
     return parser
 
@@ -54,7 +57,13 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         return args.run(args)
-    except (ConfigError, MissingWeightsError, NoFaceError, FileNotFoundError, TrainingOutOfMemoryError,
-            TrackingStoreError) as err:
+    except (
+        ConfigError,
+        MissingWeightsError,
+        NoFaceError,
+        FileNotFoundError,
+        TrainingOutOfMemoryError,
+        TrackingStoreError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

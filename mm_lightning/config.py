@@ -275,7 +275,9 @@ class LauncherConfig:
     gpus_per_node: int = 0  # SLURM --gpus-per-node, one task per GPU (fit gets trainer.devices); 0: one CPU task
     cpus_per_task: int | None = None  # SLURM --cpus-per-task
     signal_delay_s: int = 120  # USR2 this long before the time limit: fit checkpoints and the job requeues
-    sbatch_flags: dict[str, Any] = field(default_factory=dict)  # extra #SBATCH lines, e.g. {qos: high, constraint: h100}
+    sbatch_flags: dict[str, Any] = field(
+        default_factory=dict
+    )  # extra #SBATCH lines, e.g. {qos: high, constraint: h100}
     setup: list[str] = field(default_factory=list)  # shell lines run before each job, e.g. ["module load cuda"]
 
 
@@ -425,13 +427,16 @@ def validate(cfg: DictConfig) -> None:
         )
     if model.id_encoder_dim % model.id_encoder_head_dim:
         raise ConfigError(
-            f"model.id_encoder_dim {model.id_encoder_dim} must be a multiple of id_encoder_head_dim {model.id_encoder_head_dim}"
+            f"model.id_encoder_dim {model.id_encoder_dim} must be a multiple of "
+            f"id_encoder_head_dim {model.id_encoder_head_dim}"
         )
     if model.face_attention not in ("joint", "cross_only"):
         raise ConfigError(f"model.face_attention must be 'joint' or 'cross_only', got {model.face_attention!r}")
     for name in cfg.curriculum.order:
         if name not in cfg.curriculum.stages:
-            raise ConfigError(f"curriculum.order names stage {name!r}; declared stages: {', '.join(cfg.curriculum.stages)}")
+            raise ConfigError(
+                f"curriculum.order names stage {name!r}; declared stages: {', '.join(cfg.curriculum.stages)}"
+            )
     for name, stage in cfg.curriculum.stages.items():
         if stage.data not in STAGE_DATA:
             raise ConfigError(f"curriculum.stages.{name}.data must be one of {STAGE_DATA}, got {stage.data!r}")
@@ -467,8 +472,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.ema.enabled and cfg.ema.update_every_n_steps < 1:
         raise ConfigError(f"ema.update_every_n_steps must be >= 1, got {cfg.ema.update_every_n_steps}")
     if cfg.ema.enabled and cfg.trainer.strategy == "fsdp":
-        raise ConfigError("ema.enabled does not work with trainer.strategy=fsdp (Lightning's weight averaging "
-                          "needs unsharded weights); use ddp or deepspeed_stage_2")
+        raise ConfigError(
+            "ema.enabled does not work with trainer.strategy=fsdp (Lightning's weight averaging "
+            "needs unsharded weights); use ddp or deepspeed_stage_2"
+        )
     if cfg.optim.lr_schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"optim.lr_schedule must be cosine, linear or constant, got {cfg.optim.lr_schedule!r}")
     if cfg.trainer.keep_checkpoints < 1:

@@ -29,15 +29,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.entities import Param
-from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.progress import StageProgressBar
+from mm_lightning.callbacks.progress import StageProgressBar
 
 from .config import ConfigError
 from .data.datamodule import MagicMirrorDataModule
@@ -45,8 +45,20 @@ from .data.latent_cache import open_cache
 from .ema import ema_callbacks
 from .memory import out_of_memory_error
 from .module import MagicMirrorModule
-from .tracking import (RUN_DIR_ENV, RUN_LOCK_FILE, TAG_COMPLETED, TAG_ROLE, TAG_RUN_DIR, RunClient, ensure_experiment,
-                       flatten_config, open_store, run_tags, tracking_uri, ui_command)
+from .tracking import (
+    RUN_DIR_ENV,
+    RUN_LOCK_FILE,
+    TAG_COMPLETED,
+    TAG_ROLE,
+    TAG_RUN_DIR,
+    RunClient,
+    ensure_experiment,
+    flatten_config,
+    open_store,
+    run_tags,
+    tracking_uri,
+    ui_command,
+)
 
 
 class RunState:
@@ -54,14 +66,14 @@ class RunState:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "run.json"
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"mlflow_run_id": None, "finished_stages": []}
+        self.data = (
+            json.loads(self.path.read_text()) if self.path.exists() else {"mlflow_run_id": None, "finished_stages": []}
+        )
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2))
         tmp.replace(self.path)
-
-
 
 
 class ResumeError(Exception):
@@ -81,8 +93,9 @@ class Preempted(Exception):
 
     def __init__(self, signum: int, stage: str | None, step: int, checkpoint: Path | None, run_dir: Path):
         where = f"in stage {stage} at step {step}" if stage else "before training"
-        super().__init__(f"stopped by {signal.Signals(signum).name} {where}"
-                         + (f"; checkpoint {checkpoint}" if checkpoint else ""))
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} {where}" + (f"; checkpoint {checkpoint}" if checkpoint else "")
+        )
         self.signum, self.stage, self.step, self.checkpoint, self.run_dir = signum, stage, step, checkpoint, run_dir
 
 
@@ -163,8 +176,10 @@ def _run_dir(cfg: DictConfig, resume: bool) -> Path:
     elif os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         run_dir = Path(cfg.output_dir) / f"slurm-{os.environ['SLURM_JOB_ID']}"
     elif rank_zero_only.rank != 0:
-        raise RuntimeError(f"rank {rank_zero_only.rank} cannot tell which run folder rank 0 uses: "
-                           f"set ${RUN_DIR_ENV} to the same folder on every node")
+        raise RuntimeError(
+            f"rank {rank_zero_only.rank} cannot tell which run folder rank 0 uses: "
+            f"set ${RUN_DIR_ENV} to the same folder on every node"
+        )
     elif resume:
         runs = sorted(p for p in Path(cfg.output_dir).glob("*") if (p / "run.json").exists())
         if not runs:
@@ -189,7 +204,9 @@ def _wait_for_run_id(state: RunState, timeout_s: float = 600) -> str:
             if run_id:
                 return run_id
         time.sleep(1)
-    raise TimeoutError(f"rank {rank_zero_only.rank}: rank 0 wrote no MLflow run id to {state.path} in {timeout_s:.0f} s")
+    raise TimeoutError(
+        f"rank {rank_zero_only.rank}: rank 0 wrote no MLflow run id to {state.path} in {timeout_s:.0f} s"
+    )
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -224,10 +241,20 @@ def build_datamodule(cfg: DictConfig, stage: str, clip_image_size: int, use_cach
             return cached
     s = cfg.curriculum.stages[stage]
     return MagicMirrorDataModule(
-        root=cfg.data.root, cache_dir=cfg.cache_dir, kind=s.data, frames=s.frames, height=s.height, width=s.width,
-        batch_size=s.batch_size, num_workers=cfg.data.num_workers, clip_image_size=clip_image_size,
-        face_backend=cfg.faces.backend, insightface_root=cfg.faces.insightface_root,
-        insightface_model=cfg.faces.insightface_model, seed=cfg.seed, fps=cfg.data.fps,
+        root=cfg.data.root,
+        cache_dir=cfg.cache_dir,
+        kind=s.data,
+        frames=s.frames,
+        height=s.height,
+        width=s.width,
+        batch_size=s.batch_size,
+        num_workers=cfg.data.num_workers,
+        clip_image_size=clip_image_size,
+        face_backend=cfg.faces.backend,
+        insightface_root=cfg.faces.insightface_root,
+        insightface_model=cfg.faces.insightface_model,
+        seed=cfg.seed,
+        fps=cfg.data.fps,
     )
 
 
@@ -235,8 +262,10 @@ def frozen_models_needed(cfg: DictConfig) -> dict[str, bool]:
     """Whether fit must load T5 and the VAE: not when every stage trains from its latent cache,
     unless evaluation samples videos (both) or the identity loss decodes frames (the VAE)."""
     cached = cfg.data.use_cache and all(open_cache(cfg, stage) is not None for stage in cfg.curriculum.order)
-    return {"text_encoder": not cached or cfg.eval.enabled,
-            "vae": not cached or cfg.eval.enabled or cfg.loss.identity_weight > 0}
+    return {
+        "text_encoder": not cached or cfg.eval.enabled,
+        "vae": not cached or cfg.eval.enabled or cfg.loss.identity_weight > 0,
+    }
 
 
 def gradient_accumulation(stage_cfg: DictConfig, world_size: int, stage: str) -> int:
@@ -369,16 +398,24 @@ def _fit_stages(cfg: DictConfig, run_dir: Path, resume: bool, tags: dict[str, st
         ckpt_dir = run_dir / "checkpoints" / stage
         stop.stage_started(stage)
         if stage in state.data["finished_stages"]:
-            module.load_trainable(torch.load(ckpt_dir / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"])
+            module.load_trainable(
+                torch.load(ckpt_dir / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+            )
             continue
         module.set_stage(stage)
         datamodule = build_datamodule(cfg, stage, module.transformer.face_encoder.clip_image_size)
         callbacks = [
             # The newest keep_checkpoints step=N.ckpt files; last.ckpt links to the newest, so a
             # corrupt one leaves the previous to resume from.
-            ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", monitor="step", mode="max", save_last="link",
-                            save_top_k=cfg.trainer.keep_checkpoints,
-                            every_n_train_steps=cfg.trainer.checkpoint_every_n_steps),
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="{step}",
+                monitor="step",
+                mode="max",
+                save_last="link",
+                save_top_k=cfg.trainer.keep_checkpoints,
+                every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+            ),
             OnExceptionCheckpoint(dirpath=ckpt_dir),
             StageProgressBar(stage),
             *ema_callbacks(cfg),  # before evaluation: an eval at step N sees the EMA updated at N
@@ -409,10 +446,15 @@ def _fit_stages(cfg: DictConfig, run_dir: Path, resume: bool, tags: dict[str, st
     client.set_tag(run_id, TAG_COMPLETED, "true")
     client.set_terminated(run_id, "FINISHED")
     if client.unlogged:
-        print(f"the tracking store missed {client.unlogged} calls; push them with: "
-              f"python -m mm_lightning sync-run {run_dir}", file=sys.stderr)
-    print(f"\nfinished {cfg.experiment}: checkpoint {final}\n"
-          f"MLflow run {run_id}; browse it with:\n  {ui_command(uri, run_id)}")
+        print(
+            f"the tracking store missed {client.unlogged} calls; push them with: "
+            f"python -m mm_lightning sync-run {run_dir}",
+            file=sys.stderr,
+        )
+    print(
+        f"\nfinished {cfg.experiment}: checkpoint {final}\n"
+        f"MLflow run {run_id}; browse it with:\n  {ui_command(uri, run_id)}"
+    )
     return run_id
 
 
@@ -420,6 +462,6 @@ def stage_callbacks(cfg: DictConfig, stage: str) -> list:
     """Per-stage extras: the MLflow evaluation callback when enabled."""
     if not cfg.eval.enabled:
         return []
-    from callbacks.evaluation import MLflowEvaluationCallback
+    from mm_lightning.callbacks.evaluation import MLflowEvaluationCallback
 
     return [MLflowEvaluationCallback(cfg, stage)]

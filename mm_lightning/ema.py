@@ -42,8 +42,12 @@ class TrainableEMA(EMAWeightAveraging):
     """`EMAWeightAveraging` over `TrainableParameters(pl_module.transformer)` instead of the whole module."""
 
     def __init__(self, decay: float, start_step: int, update_every_n_steps: int):
-        super().__init__(decay=decay, update_starting_at_step=start_step, update_every_n_steps=update_every_n_steps,
-                         use_buffers=False)
+        super().__init__(
+            decay=decay,
+            update_starting_at_step=start_step,
+            update_every_n_steps=update_every_n_steps,
+            use_buffers=False,
+        )
         self._view: TrainableParameters | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -51,8 +55,9 @@ class TrainableEMA(EMAWeightAveraging):
             return
         self._view = TrainableParameters(pl_module.transformer)
         # Setup runs before the strategy moves the module: put the average on the training device now.
-        self._average_model = AveragedModel(self._view, device=trainer.strategy.root_device,
-                                            use_buffers=self._use_buffers, **self._kwargs)
+        self._average_model = AveragedModel(
+            self._view, device=trainer.strategy.root_device, use_buffers=self._use_buffers, **self._kwargs
+        )
         self._average_model.requires_grad_(False)
 
     # Lightning's hooks, each handed the view instead of the whole LightningModule.
@@ -79,8 +84,10 @@ class TrainableEMA(EMAWeightAveraging):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if "ema_state_dict" not in checkpoint:
-            rank_zero_warn("the checkpoint holds no EMA weights (EMA off, or not started yet when it was written): "
-                           "the EMA starts again at the next update")
+            rank_zero_warn(
+                "the checkpoint holds no EMA weights (EMA off, or not started yet when it was written): "
+                "the EMA starts again at the next update"
+            )
             return
         state = checkpoint["ema_state_dict"]
         with torch.no_grad():

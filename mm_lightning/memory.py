@@ -31,15 +31,17 @@ def out_of_memory_error(cfg: DictConfig, stage: str, err: BaseException) -> Trai
         "trainer.strategy=fsdp or trainer.strategy=deepspeed_stage_2 (shard the AdamW states over GPUs)",
         "trainer.gradient_checkpointing=true" if not cfg.trainer.gradient_checkpointing else None,
         "trainer.frozen_dtype=bfloat16 (frozen backbone, T5, VAE, CLIP in bf16)"
-        if cfg.trainer.frozen_dtype == "float32" else None,
+        if cfg.trainer.frozen_dtype == "float32"
+        else None,
         "8-bit AdamW states (bitsandbytes' AdamW8bit; not a config switch yet: swap it in configure_optimizers)",
         "precompute the latent/T5 caches (`python -m mm_lightning cache ...`) so T5 and the VAE stay unloaded",
         f"a smaller batch with accumulation, e.g. curriculum.stages.{stage}.batch_size={max(s.batch_size // 2, 1)} "
         f"curriculum.stages.{stage}.accumulate_grad_batches={s.accumulate_grad_batches * 2}",
     ]
     if cfg.loss.identity_weight > 0:
-        options.append("loss.identity_frames=1 or loss.identity_weight=0 "
-                       "(the identity loss decodes frames with autograd)")
+        options.append(
+            "loss.identity_frames=1 or loss.identity_weight=0 (the identity loss decodes frames with autograd)"
+        )
     lines = "\n  ".join(o for o in options if o)
     return TrainingOutOfMemoryError(
         f"CUDA out of memory in stage {stage!r} at per-device batch {s.batch_size} "

@@ -48,15 +48,24 @@ class MagicMirrorModule(L.LightningModule):
         self.pipe = build_pipeline(components)
         self.arcface = None
         if cfg.loss.identity_weight > 0:
-            self.arcface = differentiable_embedder(cfg.faces.backend, cfg.faces.insightface_root, cfg.faces.insightface_model)
+            self.arcface = differentiable_embedder(
+                cfg.faces.backend, cfg.faces.insightface_root, cfg.faces.insightface_model
+            )
             self.arcface.to(frozen_dtype(cfg))
         self.transformer.gradient_checkpointing = cfg.trainer.gradient_checkpointing
         if cfg.trainer.compile_blocks:
             compile_blocks(self.transformer.base.transformer_blocks)
 
     @classmethod
-    def from_checkpoint(cls, path: str, overrides: list[str] = (), experiment: str | None = None,
-                        profile: str = "tiny", raw_weights: bool = False, to_device: bool = True) -> MagicMirrorModule:
+    def from_checkpoint(
+        cls,
+        path: str,
+        overrides: list[str] = (),
+        experiment: str | None = None,
+        profile: str = "tiny",
+        raw_weights: bool = False,
+        to_device: bool = True,
+    ) -> MagicMirrorModule:
         """A trained model for inference: the config stored in the checkpoint (or the named
         experiment's), the frozen weights from their local folders, the trained weights from the file:
         its EMA weights when it has them (ema.enabled), unless `raw_weights`. `loaded_weights` says which.
@@ -64,7 +73,9 @@ class MagicMirrorModule(L.LightningModule):
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path} (fit writes <run>/checkpoints/<stage>/final.ckpt)")
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        cfg = load_config(experiment, profile, overrides) if experiment else config_from_checkpoint(checkpoint, overrides)
+        cfg = (
+            load_config(experiment, profile, overrides) if experiment else config_from_checkpoint(checkpoint, overrides)
+        )
         module = cls(cfg, stage=checkpoint.get("mm_stage", cfg.curriculum.order[-1]))
         use_ema = "ema_state_dict" in checkpoint and not raw_weights
         module.load_trainable(checkpoint["ema_state_dict" if use_ema else "state_dict"])
@@ -134,9 +145,13 @@ class MagicMirrorModule(L.LightningModule):
         x0_pred, error = self.denoising_error(latents, enc["prompt_embeds"], face, noise, timesteps)
 
         # Face-region loss: for a share of the samples only the (latent-size) face mask counts.
-        face_mask = F.adaptive_max_pool3d(batch["face_mask"].transpose(1, 2).float(), latents.shape[1:2] + latents.shape[-2:])
+        face_mask = F.adaptive_max_pool3d(
+            batch["face_mask"].transpose(1, 2).float(), latents.shape[1:2] + latents.shape[-2:]
+        )
         face_mask = face_mask.transpose(1, 2)  # [B, F', 1, h, w]
-        use_face = torch.rand(batch_size, generator=generator, device=latents.device) < self.cfg.loss.face_region_fraction
+        use_face = (
+            torch.rand(batch_size, generator=generator, device=latents.device) < self.cfg.loss.face_region_fraction
+        )
         full_loss = error.flatten(1).mean(1)
         masked = (error * face_mask).flatten(1).sum(1) / (face_mask.expand_as(error).flatten(1).sum(1)).clamp(min=1)
         diffusion = torch.where(use_face, masked, full_loss).mean()
@@ -148,8 +163,9 @@ class MagicMirrorModule(L.LightningModule):
         losses["loss"] = loss
         return losses
 
-    def denoising_error(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, face, noise: torch.Tensor,
-                        timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def denoising_error(
+        self, latents: torch.Tensor, prompt_embeds: torch.Tensor, face, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The x0 estimate and the weighted squared error [B, F', C, h, w] for given noise and timesteps
         (the training loss draws them; the identity-reliance probe fixes them)."""
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
@@ -195,7 +211,9 @@ class MagicMirrorModule(L.LightningModule):
                 + ". The weights were not updated; the last checkpoint is kept. Lower the learning rate "
                 "(curriculum.stages.<stage>.lr) or use 32-true precision, then `fit ... --resume`."
             )
-        self.log_dict({f"train/{self.stage}/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["caption"]))
+        self.log_dict(
+            {f"train/{self.stage}/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["caption"])
+        )
         self.log("loss", losses["loss"], prog_bar=True, logger=False, batch_size=len(batch["caption"]))
         self.log(f"train/{self.stage}/lr", self.optimizers().param_groups[0]["lr"])
         return losses["loss"]
@@ -231,7 +249,7 @@ class MagicMirrorModule(L.LightningModule):
 
     def load_trainable(self, state_dict: dict) -> None:
         prefix = "transformer."
-        weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         missing = set(self.transformer.trainable_state_dict()) - set(weights)
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")

@@ -65,8 +65,9 @@ def reference_inputs(analyzer: FaceAnalyzer, images: list[np.ndarray], clip_size
     return ref_pixels, torch.from_numpy(mean_identity_embedding(faces)).float()
 
 
-def encode_face(pipe: CogVideoXPipeline, ref_pixels: torch.Tensor, id_embedding: torch.Tensor,
-                mask: torch.Tensor) -> FaceConditioning:
+def encode_face(
+    pipe: CogVideoXPipeline, ref_pixels: torch.Tensor, id_embedding: torch.Tensor, mask: torch.Tensor
+) -> FaceConditioning:
     """Face conditioning on the pipeline's execution device, with or without diffusers' CPU offloading.
 
     Model offload keeps the transformer (the face encoder is part of it) on the CPU until its

@@ -26,8 +26,8 @@ import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
-from evaluation.eval_set import EvalItem, demo_eval_set, load_eval_set
 from mm_lightning.data.media import read_image, resize_center_crop
+from mm_lightning.evaluation.eval_set import EvalItem, demo_eval_set, load_eval_set
 from mm_lightning.faces import FaceAnalyzer, NoFaceError, build_face_analyzer
 from mm_lightning.pipeline import reference_inputs
 
@@ -65,8 +65,16 @@ def donor_indices(captions: list[str]) -> list[int]:
 class RelianceProbe:
     """The fixed batch and noise, built once; `measure(module)` reads the model's reliance."""
 
-    def __init__(self, items: list[EvalItem], analyzer: FaceAnalyzer, clip_size: int, max_identities: int = 0,
-                 num_timesteps: int = 4, seed: int = 0, max_batch: int = 8):
+    def __init__(
+        self,
+        items: list[EvalItem],
+        analyzer: FaceAnalyzer,
+        clip_size: int,
+        max_identities: int = 0,
+        num_timesteps: int = 4,
+        seed: int = 0,
+        max_batch: int = 8,
+    ):
         first = {}  # identity -> its first item (eval sets list prompts by identity)
         for item in items:
             first.setdefault(item.identity, item)
@@ -85,8 +93,10 @@ class RelianceProbe:
             self.captions.append(item.prompt)
             self.identities.append(item.identity)
         if len(self.identities) < 2:
-            raise ValueError(f"the identity-reliance probe needs 2 or more evaluation identities with a detectable "
-                             f"face, found {len(self.identities)}")
+            raise ValueError(
+                f"the identity-reliance probe needs 2 or more evaluation identities with a detectable "
+                f"face, found {len(self.identities)}"
+            )
         self.photos = photos
         self.ref_pixels = torch.stack(ref_pixels)  # [B, 1, 3, S, S] in [0, 1]
         self.id_embedding = torch.stack(embeddings)  # [B, D]
@@ -98,8 +108,15 @@ class RelianceProbe:
     def from_config(cls, cfg: DictConfig, clip_size: int) -> RelianceProbe:
         items = load_eval_set(cfg.eval.eval_set or demo_eval_set(cfg.cache_dir))
         analyzer = build_face_analyzer(cfg.faces.backend, cfg.faces.insightface_root, cfg.faces.insightface_model)
-        return cls(items, analyzer, clip_size, cfg.eval.reliance_identities, cfg.eval.reliance_timesteps,
-                   cfg.eval.reliance_seed, cfg.eval.reliance_max_batch)
+        return cls(
+            items,
+            analyzer,
+            clip_size,
+            cfg.eval.reliance_identities,
+            cfg.eval.reliance_timesteps,
+            cfg.eval.reliance_seed,
+            cfg.eval.reliance_max_batch,
+        )
 
     def encoded(self, module) -> tuple[torch.Tensor, ...]:
         """The batch at the module's stage size: clean latents [B, F', C, h, w], prompt embeddings,
@@ -148,10 +165,12 @@ class RelianceProbe:
             b = sample[chunk]
             for refs, out in ((b, own), (torch.tensor(self.donors)[b], swapped)):
                 # The swap changes only the reference; caption, identity-token mask and noise stay the sample's own.
-                face = transformer.encode_face(self.ref_pixels[refs].to(device, dtype),
-                                               self.id_embedding[refs].to(device, dtype), mask[b])
-                _, error = module.denoising_error(latents[b].to(dtype), prompt_embeds[b].to(dtype), face,
-                                                  noise[chunk].to(dtype), timesteps[chunk])
+                face = transformer.encode_face(
+                    self.ref_pixels[refs].to(device, dtype), self.id_embedding[refs].to(device, dtype), mask[b]
+                )
+                _, error = module.denoising_error(
+                    latents[b].to(dtype), prompt_embeds[b].to(dtype), face, noise[chunk].to(dtype), timesteps[chunk]
+                )
                 out.append(error.flatten(1).mean(1).float().cpu())  # [chunk]
         module.train(was_training)
         shape = (len(steps), batch)
@@ -168,6 +187,11 @@ def write_reliance_artifacts(folder: Path, result: RelianceResult, title: str) -
     ax.set(xlabel="timestep", ylabel="loss swapped - own", title=title)
     folder.mkdir(parents=True, exist_ok=True)
     fig.savefig(folder / "id_reliance.png", dpi=80)
-    values = {**result.metrics(), "timesteps": result.timesteps, "per_timestep": gap.mean(1).tolist(),
-              "own_loss": result.own.mean(1).tolist(), "swapped_loss": result.swapped.mean(1).tolist()}
+    values = {
+        **result.metrics(),
+        "timesteps": result.timesteps,
+        "per_timestep": gap.mean(1).tolist(),
+        "own_loss": result.own.mean(1).tolist(),
+        "swapped_loss": result.swapped.mean(1).tolist(),
+    }
     (folder / "id_reliance.json").write_text(json.dumps(values, indent=2))

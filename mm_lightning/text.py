@@ -19,8 +19,12 @@ def identity_token_mask(
     targets = [trigger_word] if trigger_word else list(words)
     pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in targets) + r")\b", re.IGNORECASE)
     encoded = tokenizer(
-        prompts, padding="max_length", max_length=max_length, truncation=True,
-        add_special_tokens=True, return_offsets_mapping=True,
+        prompts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_offsets_mapping=True,
     )
     mask = torch.zeros(len(prompts), max_length)
     for i, (prompt, offsets) in enumerate(zip(prompts, encoded["offset_mapping"])):

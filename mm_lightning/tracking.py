@@ -36,8 +36,11 @@ RUN_DIR_ENV = "MM_LIGHTNING_RUN_DIR"  # names the run folder for every process o
 RUN_LOCK_FILE = ".fit.lock"  # held by the fit training in a run folder; the OS drops it when the process dies
 # MLflow's own HTTP retries, shortened from its defaults (7 retries, up to minutes per call) so
 # that a dead server costs a training run seconds, not hours; the user's settings win.
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 # MLflow's experiment kind: its UI opens an experiment tagged "custom_model_development" in the
@@ -77,7 +80,11 @@ class TrackingStoreError(Exception):
 
 def tracking_uri(cfg: DictConfig | None = None) -> str:
     """config > $MLFLOW_TRACKING_URI > ./mlruns/mlflow.db (MLflow 3 refuses a plain file store)."""
-    uri = (cfg.tracking.tracking_uri if cfg is not None else None) or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = (
+        (cfg.tracking.tracking_uri if cfg is not None else None)
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or DEFAULT_TRACKING_URI
+    )
     _make_sqlite_folder(uri)
     return uri
 
@@ -85,7 +92,7 @@ def tracking_uri(cfg: DictConfig | None = None) -> str:
 def _make_sqlite_folder(uri: str) -> None:
     if uri.startswith(SQLITE_PREFIX):
         try:
-            Path(uri[len(SQLITE_PREFIX):]).parent.mkdir(parents=True, exist_ok=True)
+            Path(uri[len(SQLITE_PREFIX) :]).parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # e.g. a file where the store's folder should be
             raise TrackingStoreError(f"tracking store {uri}: cannot create its folder ({err})") from None
 
@@ -102,12 +109,14 @@ def open_store(uri: str) -> None:
         try:
             requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
         except requests.RequestException as err:
-            raise TrackingStoreError(f"tracking server {uri} is unreachable ({type(err).__name__}); "
-                                     "start it or point MLFLOW_TRACKING_URI elsewhere") from None
+            raise TrackingStoreError(
+                f"tracking server {uri} is unreachable ({type(err).__name__}); "
+                "start it or point MLFLOW_TRACKING_URI elsewhere"
+            ) from None
         return
     if not uri.startswith(SQLITE_PREFIX):
         return  # other stores (postgresql://, databricks, ...): MLflow reports their errors itself
-    db = Path(uri[len(SQLITE_PREFIX):])
+    db = Path(uri[len(SQLITE_PREFIX) :])
     _make_sqlite_folder(uri)
     if db.is_dir():
         raise TrackingStoreError(f"tracking store {uri}: {db} is a folder, not a sqlite database file")
@@ -132,10 +141,11 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
         return experiment.experiment_id
     artifact_location = None
     if uri.startswith(SQLITE_PREFIX):
-        artifact_location = (Path(uri[len(SQLITE_PREFIX):]).resolve().parent / "artifacts").as_uri()
+        artifact_location = (Path(uri[len(SQLITE_PREFIX) :]).resolve().parent / "artifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifact_location,
-                                        tags={EXPERIMENT_KIND_TAG: CUSTOM_MODEL_DEVELOPMENT})
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: CUSTOM_MODEL_DEVELOPMENT}
+        )
     except MlflowException as err:  # another process created it first
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -158,7 +168,9 @@ def flatten_config(cfg: DictConfig) -> dict[str, str]:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -197,8 +209,6 @@ def ui_command(uri: str, run_id: str | None = None) -> str:
     return f"{command}\n  then open {base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
-
-
 # Error codes of a store that is down or overloaded; any other MlflowException is a real error.
 _OUTAGE_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "ENDPOINT_NOT_FOUND"}
 
@@ -235,8 +245,12 @@ class RunClient(MlflowClient):
             if not _is_outage(err):
                 raise
             if not self.unlogged:
-                print(f"tracking store {self.tracking_uri} unreachable ({str(err).splitlines()[0][:200]}); training "
-                      f"goes on, tracking calls are kept in {self.backlog}", file=sys.stderr, flush=True)
+                print(
+                    f"tracking store {self.tracking_uri} unreachable ({str(err).splitlines()[0][:200]}); training "
+                    f"goes on, tracking calls are kept in {self.backlog}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self._offline_until = time.monotonic() + self.probe_every_s
             return self._keep(record())
 
@@ -257,40 +271,70 @@ class RunClient(MlflowClient):
 
     def log_metric(self, run_id, key, value, timestamp=None, step=None, **kwargs):
         timestamp = timestamp or int(time.time() * 1000)
-        return self._guard(lambda: super(RunClient, self).log_metric(run_id, key, value, timestamp, step, **kwargs),
-                           lambda: {"call": "log_metric", "run_id": run_id, "key": key, "value": value,
-                                    "timestamp": timestamp, "step": step or 0})
+        return self._guard(
+            lambda: super(RunClient, self).log_metric(run_id, key, value, timestamp, step, **kwargs),
+            lambda: {
+                "call": "log_metric",
+                "run_id": run_id,
+                "key": key,
+                "value": value,
+                "timestamp": timestamp,
+                "step": step or 0,
+            },
+        )
 
     def log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
-        return self._guard(lambda: super(RunClient, self).log_batch(run_id, metrics, params, tags, **kwargs),
-                           lambda: {"call": "log_batch", "run_id": run_id,
-                                    "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
-                                    "params": [[p.key, p.value] for p in params],
-                                    "tags": [[t.key, t.value] for t in tags]})
+        return self._guard(
+            lambda: super(RunClient, self).log_batch(run_id, metrics, params, tags, **kwargs),
+            lambda: {
+                "call": "log_batch",
+                "run_id": run_id,
+                "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
+                "params": [[p.key, p.value] for p in params],
+                "tags": [[t.key, t.value] for t in tags],
+            },
+        )
 
     def set_tag(self, run_id, key, value, **kwargs):
-        return self._guard(lambda: super(RunClient, self).set_tag(run_id, key, value, **kwargs),
-                           lambda: {"call": "set_tag", "run_id": run_id, "key": key, "value": str(value)})
+        return self._guard(
+            lambda: super(RunClient, self).set_tag(run_id, key, value, **kwargs),
+            lambda: {"call": "set_tag", "run_id": run_id, "key": key, "value": str(value)},
+        )
 
     def log_artifact(self, run_id, local_path, artifact_path=None):
-        return self._guard(lambda: super(RunClient, self).log_artifact(run_id, local_path, artifact_path),
-                           lambda: {"call": "log_artifact", "run_id": run_id, "path": self._local_copy(local_path),
-                                    "artifact_path": artifact_path})
+        return self._guard(
+            lambda: super(RunClient, self).log_artifact(run_id, local_path, artifact_path),
+            lambda: {
+                "call": "log_artifact",
+                "run_id": run_id,
+                "path": self._local_copy(local_path),
+                "artifact_path": artifact_path,
+            },
+        )
 
     def log_artifacts(self, run_id, local_dir, artifact_path=None):
-        return self._guard(lambda: super(RunClient, self).log_artifacts(run_id, local_dir, artifact_path),
-                           lambda: {"call": "log_artifacts", "run_id": run_id, "path": self._local_copy(local_dir),
-                                    "artifact_path": artifact_path})
+        return self._guard(
+            lambda: super(RunClient, self).log_artifacts(run_id, local_dir, artifact_path),
+            lambda: {
+                "call": "log_artifacts",
+                "run_id": run_id,
+                "path": self._local_copy(local_dir),
+                "artifact_path": artifact_path,
+            },
+        )
 
     def update_run(self, run_id, status=None, name=None):
-        return self._guard(lambda: super(RunClient, self).update_run(run_id, status, name),
-                           lambda: {"call": "update_run", "run_id": run_id, "status": status})
+        return self._guard(
+            lambda: super(RunClient, self).update_run(run_id, status, name),
+            lambda: {"call": "update_run", "run_id": run_id, "status": status},
+        )
 
     def set_terminated(self, run_id, status=None, end_time=None):
         end_time = end_time or int(time.time() * 1000)
-        return self._guard(lambda: super(RunClient, self).set_terminated(run_id, status, end_time),
-                           lambda: {"call": "set_terminated", "run_id": run_id, "status": status or "FINISHED",
-                                    "end_time": end_time})
+        return self._guard(
+            lambda: super(RunClient, self).set_terminated(run_id, status, end_time),
+            lambda: {"call": "set_terminated", "run_id": run_id, "status": status or "FINISHED", "end_time": end_time},
+        )
 
 
 def sync_run(run_dir: Path, uri: str | None = None) -> int:
@@ -323,8 +367,12 @@ def _replay(client: MlflowClient, run_dir: Path, r: dict) -> None:
     if call == "log_metric":
         client.log_metric(run_id, r["key"], r["value"], r["timestamp"], r["step"])
     elif call == "log_batch":
-        client.log_batch(run_id, [Metric(*m) for m in r["metrics"]], [Param(*p) for p in r["params"]],
-                         [RunTag(*t) for t in r["tags"]])
+        client.log_batch(
+            run_id,
+            [Metric(*m) for m in r["metrics"]],
+            [Param(*p) for p in r["params"]],
+            [RunTag(*t) for t in r["tags"]],
+        )
     elif call == "set_tag":
         client.set_tag(run_id, r["key"], r["value"])
     elif call == "log_artifact":

@@ -13,10 +13,17 @@ from mm_lightning.curriculum import build_datamodule, build_trainer
 from mm_lightning.module import MagicMirrorModule
 
 out = Path(sys.argv[1])
-cfg = load_config("full", overrides=[
-    "eval.enabled=false", "trainer.strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-    "curriculum.stages.image_pretrain.max_steps=4", "curriculum.stages.image_pretrain.batch_size=2",
-])
+cfg = load_config(
+    "full",
+    overrides=[
+        "eval.enabled=false",
+        "trainer.strategy=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "curriculum.stages.image_pretrain.max_steps=4",
+        "curriculum.stages.image_pretrain.batch_size=2",
+    ],
+)
 L.seed_everything(0)
 module = MagicMirrorModule(cfg, stage="image_pretrain")
 if not (out / "initial.pt").exists():

@@ -47,15 +47,34 @@ def test_matrix_file_rows_become_pairs_tagged_with_the_row():
 
 
 def test_slurm_job_script_carries_the_launcher_settings(tmp_path):
-    cfg = load_config("full", "tiny", ["launcher.partition=gpu", "launcher.account=proj42", "launcher.nodes=2",
-                                       "launcher.gpus_per_node=8", "launcher.timeout_min=600",
-                                       "launcher.sbatch_flags.qos=high", "launcher.setup=[module load cuda]"])
+    cfg = load_config(
+        "full",
+        "tiny",
+        [
+            "launcher.partition=gpu",
+            "launcher.account=proj42",
+            "launcher.nodes=2",
+            "launcher.gpus_per_node=8",
+            "launcher.timeout_min=600",
+            "launcher.sbatch_flags.qos=high",
+            "launcher.setup=[module load cuda]",
+        ],
+    )
     from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor writes; it needs srun to exist
 
-    script = _make_sbatch_string("python -m submitit.core._submit X", tmp_path,
-                                 **ablate.slurm_parameters(cfg.launcher, parallel=4))
-    for line in ("--partition=gpu", "--account=proj42", "--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=8",
-                 "--time=600", "--qos=high", "--signal=USR2@120"):
+    script = _make_sbatch_string(
+        "python -m submitit.core._submit X", tmp_path, **ablate.slurm_parameters(cfg.launcher, parallel=4)
+    )
+    for line in (
+        "--partition=gpu",
+        "--account=proj42",
+        "--nodes=2",
+        "--gpus-per-node=8",
+        "--ntasks-per-node=8",
+        "--time=600",
+        "--qos=high",
+        "--signal=USR2@120",
+    ):
         assert f"#SBATCH {line}" in script, line
     assert "module load cuda" in script
     assert ablate.gpu_overrides("slurm", cfg.launcher) == ["trainer.devices=8", "trainer.num_nodes=2"]
@@ -71,24 +90,39 @@ def test_pair_states_come_from_the_tracking_store(tmp_path):
     for pair, status in zip(pairs, ["FINISHED", "FAILED", "KILLED", "RUNNING", "RUNNING"]):
         run_dir = tmp_path / pair.key
         run_dir.mkdir()
-        run = client.create_run(experiment_id, tags={"mm.role": "train", "mm.matrix_id": "m1", "mm.variant": pair.key,
-                                                     "mm.seed": "0", "mm.run_dir": str(run_dir)})
+        run = client.create_run(
+            experiment_id,
+            tags={
+                "mm.role": "train",
+                "mm.matrix_id": "m1",
+                "mm.variant": pair.key,
+                "mm.seed": "0",
+                "mm.run_dir": str(run_dir),
+            },
+        )
         if status != "RUNNING":
             client.set_terminated(run.info.run_id, status)
-    client.create_run(experiment_id, tags={"mm.role": "train", "mm.matrix_id": "other", "mm.variant": "queued",
-                                           "mm.seed": "0"})  # another matrix's run does not count
+    client.create_run(
+        experiment_id, tags={"mm.role": "train", "mm.matrix_id": "other", "mm.variant": "queued", "mm.seed": "0"}
+    )  # another matrix's run does not count
     with FileLock(tmp_path / "alive" / RUN_LOCK_FILE):  # a live fit holds its run folder
         states = ablate.pair_states(client, "ablation", "m1", pairs)
     assert {p.key: state for p, (state, _) in states.items()} == {
-        "done": "finished", "broken": "failed", "preempted": "preempted", "alive": "running", "died": "failed",
-        "queued": "pending"}
+        "done": "finished",
+        "broken": "failed",
+        "preempted": "preempted",
+        "alive": "running",
+        "died": "failed",
+        "queued": "pending",
+    }
 
 
 def _cli(workdir: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlruns/mlflow.db")
     env.pop("PYTEST_CURRENT_TEST", None)
-    result = subprocess.run([sys.executable, "-m", "mm_lightning", *args], cwd=workdir, env=env, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "mm_lightning", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -96,19 +130,39 @@ def _cli(workdir: Path, *args, check: bool = True) -> subprocess.CompletedProces
 
 @pytest.mark.slow
 def test_a_sigkilled_pair_is_the_only_one_that_runs_again(tmp_path):
-    args = ["ablate", "--experiments", "full,no_can", "--seeds", "1", "--parallel", "2", "eval.enabled=false",
-            "curriculum.stages.image_pretrain.max_steps=40", "curriculum.stages.video_finetune.max_steps=4",
-            "trainer.checkpoint_every_n_steps=4"]
+    args = [
+        "ablate",
+        "--experiments",
+        "full,no_can",
+        "--seeds",
+        "1",
+        "--parallel",
+        "2",
+        "eval.enabled=false",
+        "curriculum.stages.image_pretrain.max_steps=40",
+        "curriculum.stages.video_finetune.max_steps=4",
+        "trainer.checkpoint_every_n_steps=4",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     env.pop("PYTEST_CURRENT_TEST", None)
-    proc = subprocess.Popen([sys.executable, "-m", "mm_lightning", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mm_lightning", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not list(tmp_path.glob("runs/no_can/*/seed0/checkpoints/*/last.ckpt")):
         time.sleep(0.1)
     # The no_can pair's fit, among this ablate's own descendants (launcher, job, fit).
-    (fit,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
-              if "fit" in p.cmdline() and "--tag=mm.variant=no_can" in p.cmdline()]
+    (fit,) = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "fit" in p.cmdline() and "--tag=mm.variant=no_can" in p.cmdline()
+    ]
     fit.kill()  # SIGKILL: no checkpoint, no status update, the MLflow run stays RUNNING
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 1, out[-3000:]
@@ -124,8 +178,10 @@ def test_a_sigkilled_pair_is_the_only_one_that_runs_again(tmp_path):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("ablation").experiment_id], "tags.`mm.role` = 'train'")
     # One run per pair: the killed pair resumed its own run, from its last checkpoint.
-    assert sorted((r.data.tags["mm.variant"], r.info.status) for r in runs) == [("full", "FINISHED"),
-                                                                                ("no_can", "FINISHED")]
+    assert sorted((r.data.tags["mm.variant"], r.info.status) for r in runs) == [
+        ("full", "FINISHED"),
+        ("no_can", "FINISHED"),
+    ]
     logs = "".join(p.read_text() for p in tmp_path.glob("runs/ablate/*/*_0_log.out"))
     assert re.search(r"resuming stage image_pretrain from \S+/runs/no_can/\w+/seed0/checkpoints/image_pretrain/", logs)
 
@@ -134,13 +190,28 @@ def test_a_sigkilled_pair_is_the_only_one_that_runs_again(tmp_path):
 def test_a_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     # The scheduler's preemption warning (USR2) reaches the submitit job: PairJob.checkpoint stops
     # fit with SIGTERM, submitit requeues the job, and the job resumes the pair's run.
-    args = ["ablate", "--experiments", "full", "--seeds", "1", "eval.enabled=false",
-            "curriculum.stages.image_pretrain.max_steps=40", "curriculum.stages.video_finetune.max_steps=4",
-            "trainer.checkpoint_every_n_steps=4"]
+    args = [
+        "ablate",
+        "--experiments",
+        "full",
+        "--seeds",
+        "1",
+        "eval.enabled=false",
+        "curriculum.stages.image_pretrain.max_steps=40",
+        "curriculum.stages.video_finetune.max_steps=4",
+        "trainer.checkpoint_every_n_steps=4",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     env.pop("PYTEST_CURRENT_TEST", None)
-    proc = subprocess.Popen([sys.executable, "-m", "mm_lightning", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mm_lightning", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not list(tmp_path.glob("runs/full/*/seed0/checkpoints/*/last.ckpt")):
         time.sleep(0.1)

@@ -29,7 +29,9 @@ def test_every_row_trains_half_of_each_of_its_stages():
         for stage in expected_stages:
             assert cfg.curriculum.stages[stage].max_steps * 2 == base.curriculum.stages[stage].max_steps
         assert ("identity" in cfg.model.branches, "structural" in cfg.model.branches) == (
-            row.flags["x_id"], row.flags["x_face"])
+            row.flags["x_id"],
+            row.flags["x_face"],
+        )
         assert (cfg.model.face_modality, cfg.model.can) == (row.flags["m_face"], row.flags["can"])
         assert row.tags["mm.variant"] == row.key and row.tags["mm.budget_fraction"] == "0.5"
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from evaluation import ablation_table
 from mm_lightning.ablation_matrix import load_matrix
-from mm_lightning.config import load_config
 from mm_lightning.commands import table as table_command
+from mm_lightning.config import load_config
+from mm_lightning.reports import ablation_table
 
 NAN = math.nan
 # The latest matrix: variant -> seed -> final-stage metrics. single_branch never logs
@@ -57,20 +57,30 @@ def store(tmp_path_factory):
     experiment_id = client.create_experiment("ablation", artifact_location=(root / "artifacts").as_uri())
 
     def train_tags(variant, seed, matrix):
-        return {"mm.role": "train", "mm.variant": variant, "mm.seed": seed, "mm.matrix_id": matrix,
-                "mm.final_stage": "video_finetune"}
+        return {
+            "mm.role": "train",
+            "mm.variant": variant,
+            "mm.seed": seed,
+            "mm.matrix_id": matrix,
+            "mm.final_stage": "video_finetune",
+        }
 
     # An older matrix that must not leak into the default table.
-    _log_run(client, experiment_id, 1_000, train_tags("full", "0", "old"),
-             {"eval/video_finetune/text_alignment": 0.1})
+    _log_run(client, experiment_id, 1_000, train_tags("full", "0", "old"), {"eval/video_finetune/text_alignment": 0.1})
     start = 2_000
     for variant, seeds in MATRIX.items():
         for seed, metrics in seeds.items():
             start += 1
             if (variant, seed) == ("single_branch", "1"):
                 # A failed attempt the finished rerun below replaces.
-                _log_run(client, experiment_id, start, train_tags(variant, seed, "new"),
-                         {"eval/video_finetune/id_similarity": 0.0}, status="FAILED")
+                _log_run(
+                    client,
+                    experiment_id,
+                    start,
+                    train_tags(variant, seed, "new"),
+                    {"eval/video_finetune/id_similarity": 0.0},
+                    status="FAILED",
+                )
                 start += 1
             logged = {f"eval/video_finetune/{name}": value for name, value in metrics.items()}
             # An earlier stage's metric must not stand in for the final stage's.
@@ -134,8 +144,14 @@ def test_csv(table):
     assert len(rows) == 9
     by_key = {(row["variant"], row["metric"]): row for row in rows}
     assert by_key["full", "text_alignment"] == {
-        "variant": "full", "metric": "text_alignment", "mean": "0.245", "std": "0.00707107",
-        "n": "2", "delta_vs_full": "0", "paper": "0.24", "note": "",
+        "variant": "full",
+        "metric": "text_alignment",
+        "mean": "0.245",
+        "std": "0.00707107",
+        "n": "2",
+        "delta_vs_full": "0",
+        "paper": "0.24",
+        "note": "",
     }
     missing = by_key["single_branch", "fm_inter"]
     assert (missing["mean"], missing["n"], missing["delta_vs_full"]) == ("—", "0", "—")
@@ -147,7 +163,10 @@ def test_csv(table):
 
 def test_latex(table):
     text = ablation_table.render(table, "latex")
-    assert r"variant & text\_alignment & $\Delta$ full & fm\_inter & $\Delta$ full & id\_similarity & $\Delta$ full \\" in text
+    assert (
+        r"variant & text\_alignment & $\Delta$ full & fm\_inter & $\Delta$ full & id\_similarity & $\Delta$ full \\"
+        in text
+    )
     assert r"full & 0.245 $\pm$ 0.007 (n=2) & +0.000 &" in text
     assert r"single\_branch & 0.240 $\pm$ 0.003 (n=2) & -0.005 & ---\textsuperscript{1} & --- &" in text
     assert r"0.880 (n=1)\textsuperscript{2} & -0.030 \\" in text
@@ -162,8 +181,13 @@ def test_paper_results_cover_table3_and_table1():
     for experiment, row in (("dual_branch", "F"), ("no_pretrain", "G"), ("full", "full")):
         assert paper["table3"][experiment] == matrix[row].paper
         cfg = load_config(experiment)
-        flags = ("identity" in cfg.model.branches, "structural" in cfg.model.branches, cfg.model.face_modality,
-                 cfg.model.can, "image_pretrain" in cfg.curriculum.order)
+        flags = (
+            "identity" in cfg.model.branches,
+            "structural" in cfg.model.branches,
+            cfg.model.face_modality,
+            cfg.model.can,
+            "image_pretrain" in cfg.curriculum.order,
+        )
         assert flags == tuple(matrix[row].flags.values()), experiment
     assert all(set(row) == set(ablation_table.TABLE3_METRICS) for row in paper["table3"].values())
     assert paper["table1"]["MagicMirror"]["id_similarity"] == 0.922
@@ -178,8 +202,9 @@ def _args(*argv):
 
 def test_command_writes_table_and_logs_summary_run(store, tmp_path, capsys):
     out = tmp_path / "table.tex"
-    args = _args("--tracking-uri", store, "--format", "latex", "--out", str(out), "--paper",
-                 "--metrics", "+dynamic_degree")
+    args = _args(
+        "--tracking-uri", store, "--format", "latex", "--out", str(out), "--paper", "--metrics", "+dynamic_degree"
+    )
     assert table_command.run(args) == 0
     text = out.read_text()
     assert r"dynamic\_degree" in text and "not reported in the paper's Table 3" in text
@@ -219,7 +244,10 @@ def test_every_format_is_a_choice():
 
 def test_command_modules_import_cheaply():
     # The CLI imports every command to build its parser; neither may pull in mlflow or torch.
-    code = "import sys, mm_lightning.commands.table, mm_lightning.commands.ablate; print('mlflow' in sys.modules, 'torch' in sys.modules)"
+    code = (
+        "import sys, mm_lightning.commands.table, mm_lightning.commands.ablate; "
+        "print('mlflow' in sys.modules, 'torch' in sys.modules)"
+    )
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
@@ -229,8 +257,13 @@ def test_command_matrix_file_prints_paper_rows_in_order(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("ablation", artifact_location=(tmp_path / "artifacts").as_uri())
-    tags = {"mm.role": "train", "mm.seed": "0", "mm.matrix_id": "m3", "mm.matrix": "table3",
-            "mm.final_stage": "video_finetune"}
+    tags = {
+        "mm.role": "train",
+        "mm.seed": "0",
+        "mm.matrix_id": "m3",
+        "mm.matrix": "table3",
+        "mm.final_stage": "video_finetune",
+    }
     _log_run(client, experiment_id, 1, tags | {"mm.variant": "full"}, {"eval/video_finetune/id_similarity": 0.5})
     _log_run(client, experiment_id, 2, tags | {"mm.variant": "C"}, {"eval/video_finetune/id_similarity": 0.4})
     # A later ad-hoc matrix must not be picked for --matrix table3.
@@ -239,8 +272,16 @@ def test_command_matrix_file_prints_paper_rows_in_order(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "matrix m3" in lines[0]
     rows = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and "[" in line]
-    assert rows == ["A [identity branch]", "B [structural branch]", "C [dual branch]", "D [Eq.6, m_face]",
-                    "E [Eq.7, m_txt, m_vid]", "F [w/o CAN]", "G [w/o pretrain]", "Full [MagicMirror]"]
+    assert rows == [
+        "A [identity branch]",
+        "B [structural branch]",
+        "C [dual branch]",
+        "D [Eq.6, m_face]",
+        "E [Eq.7, m_txt, m_vid]",
+        "F [w/o CAN]",
+        "G [w/o pretrain]",
+        "Full [MagicMirror]",
+    ]
     full = next(line for line in lines if line.startswith("| Full"))
     assert "0.500 (n=1)" in full and "0.911" in full and "0.665" in full  # ours beside the paper's
     c_row = next(line for line in lines if line.startswith("| C ["))

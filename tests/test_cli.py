@@ -15,7 +15,14 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_experiments_cover_the_paper_ablation_rows():
-    assert set(list_experiments()) >= {"full", "no_can", "no_pretrain", "single_branch", "structural_only", "dual_branch"}
+    assert set(list_experiments()) >= {
+        "full",
+        "no_can",
+        "no_pretrain",
+        "single_branch",
+        "structural_only",
+        "dual_branch",
+    }
 
 
 def test_unknown_experiment_profile_and_key_list_the_valid_choices():
@@ -59,8 +66,24 @@ def test_bench_smoke_runs_on_cpu_and_writes_its_report(tmp_path, capsys):
     # CPU, but the report's structure and the FLOP count's ordering are not.
     import json
 
-    assert main(["bench", "--profile", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
-                 "--out-dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--profile",
+                "tiny",
+                "--device",
+                "cpu",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--out-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "tiny_video_b1.json").read_text())
     assert report["adapted"]["train_flops"] > report["bare"]["train_flops"] > 0
     assert report["train_ratio"] > 0 and report["infer_cfg_ratio"] > 0

@@ -72,7 +72,8 @@ def test_fit_leaves_t5_and_vae_out_only_when_caches_cover_every_use(tmp_path):
 
 
 def test_out_of_memory_in_a_step_names_stage_batch_and_options_and_keeps_the_checkpoint(
-        tmp_path, mlflow_uri, monkeypatch, capsys):
+    tmp_path, mlflow_uri, monkeypatch, capsys
+):
     real = MagicMirrorModule.compute_loss
     calls = {"n": 0}
 
@@ -83,8 +84,16 @@ def test_out_of_memory_in_a_step_names_stage_batch_and_options_and_keeps_the_che
         return real(self, batch, generator)
 
     monkeypatch.setattr(MagicMirrorModule, "compute_loss", runs_out_at_step_5)
-    code = main(["fit", "--experiment", "full", "eval.enabled=false", f"output_dir={tmp_path}",
-                 "trainer.checkpoint_every_n_steps=2"])
+    code = main(
+        [
+            "fit",
+            "--experiment",
+            "full",
+            "eval.enabled=false",
+            f"output_dir={tmp_path}",
+            "trainer.checkpoint_every_n_steps=2",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "CUDA out of memory in stage 'image_pretrain' at per-device batch 4" in err

@@ -12,10 +12,16 @@ from mm_lightning.module import MagicMirrorModule
 
 
 def _train(tmp_path, steps: int, decay: float, ckpt_path=None, module=None):
-    cfg = load_config("full", overrides=[
-        "eval.enabled=false", "ema.enabled=true", f"ema.decay={decay}",
-        f"curriculum.stages.image_pretrain.max_steps={steps}", "curriculum.stages.image_pretrain.batch_size=2",
-    ])
+    cfg = load_config(
+        "full",
+        overrides=[
+            "eval.enabled=false",
+            "ema.enabled=true",
+            f"ema.decay={decay}",
+            f"curriculum.stages.image_pretrain.max_steps={steps}",
+            "curriculum.stages.image_pretrain.batch_size=2",
+        ],
+    )
     L.seed_everything(0)
     module = module or MagicMirrorModule(cfg, stage="image_pretrain")
     [ema] = ema_callbacks(cfg)

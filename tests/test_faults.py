@@ -19,8 +19,15 @@ from mm_lightning.curriculum import ResumeError, _latest_checkpoint
 from mm_lightning.tracking import BACKLOG_FILE, RunClient, ensure_experiment, open_store, sync_run
 
 REPO = Path(__file__).resolve().parent.parent
-SHORT_FIT = ["fit", "--experiment", "full", "eval.enabled=false", "curriculum.stages.image_pretrain.max_steps=40",
-             "curriculum.stages.video_finetune.max_steps=4", "trainer.checkpoint_every_n_steps=4"]
+SHORT_FIT = [
+    "fit",
+    "--experiment",
+    "full",
+    "eval.enabled=false",
+    "curriculum.stages.image_pretrain.max_steps=40",
+    "curriculum.stages.video_finetune.max_steps=4",
+    "trainer.checkpoint_every_n_steps=4",
+]
 
 
 def _env(workdir: Path) -> dict:
@@ -32,8 +39,15 @@ def _env(workdir: Path) -> dict:
 def _start_fit(workdir: Path, *args) -> subprocess.Popen:
     # Its own session, as a scheduler starts a job: the signal reaches fit alone, and a
     # non-interactive shell's "ignore SIGINT in background jobs" does not apply.
-    return subprocess.Popen([sys.executable, "-m", "mm_lightning", *args], cwd=workdir, env=_env(workdir),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mm_lightning", *args],
+        cwd=workdir,
+        env=_env(workdir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for(pattern: str, workdir: Path, proc: subprocess.Popen, timeout: float = 600) -> Path:
@@ -76,8 +90,14 @@ def test_sigterm_checkpoints_marks_killed_and_resume_finishes_past_a_corrupt_las
         f.truncate(1000)
     (ckpt_dir / "on_exception.ckpt").unlink()  # so the previous step=N.ckpt is the good one left
 
-    result = subprocess.run([sys.executable, "-m", "mm_lightning", *SHORT_FIT, "--resume"], cwd=tmp_path,
-                            env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "mm_lightning", *SHORT_FIT, "--resume"],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "image_pretrain/last.ckpt is unreadable" in result.stderr
     assert "resuming from the previous good checkpoint" in result.stderr
@@ -156,8 +176,12 @@ def test_concurrent_first_use_of_a_sqlite_store(tmp_path):
         "client.create_run(ensure_experiment(client, 'shared', sys.argv[1]))\n"
     )
     start = time.time() + 8  # every process has imported mlflow by then
-    procs = [subprocess.Popen([sys.executable, "-c", script, uri, str(start)], env=_env(tmp_path),
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, uri, str(start)], env=_env(tmp_path), stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 3, "\n".join(errors)[-3000:]
     client = MlflowClient(uri)

@@ -25,8 +25,14 @@ def _env(workdir: Path) -> dict:
 
 
 def _cli(workdir: Path, *args, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "mm_lightning", *args], cwd=workdir, env=_env(workdir),
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "mm_lightning", *args],
+        cwd=workdir,
+        env=_env(workdir),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -73,7 +79,9 @@ def test_fit_full_trains_both_stages_and_leaves_an_mlflow_run(trained):
     artifacts = _artifacts(_client(workdir), run_id)
     assert "config.yaml" in artifacts and "checkpoint/final.ckpt" in artifacts
     for kind, ext in (("videos", ".mp4"), ("contact_sheets", ".png"), ("id_similarity", ".png")):
-        assert any(a.startswith("eval/video_finetune/") and f"/{kind}/" in a and a.endswith(ext) for a in artifacts), kind
+        assert any(a.startswith("eval/video_finetune/") and f"/{kind}/" in a and a.endswith(ext) for a in artifacts), (
+            kind
+        )
     assert any(a.endswith("per_video.json") for a in artifacts)
     history = _client(workdir).get_metric_history(run_id, "train/image_pretrain/loss")
     assert len(history) == 24  # one point per step
@@ -87,8 +95,18 @@ def test_generate_writes_a_playable_mp4(trained, tmp_path):
     workdir, _, checkpoint, _ = trained
     Image.fromarray(skimage.data.astronaut()).save(tmp_path / "face.png")
     out = tmp_path / "out.mp4"
-    _cli(workdir, "generate", "--checkpoint", str(checkpoint), "--image", str(tmp_path / "face.png"),
-         "--prompt", "a woman walking along a beach at sunset", "--out", str(out))
+    _cli(
+        workdir,
+        "generate",
+        "--checkpoint",
+        str(checkpoint),
+        "--image",
+        str(tmp_path / "face.png"),
+        "--prompt",
+        "a woman walking along a beach at sunset",
+        "--out",
+        str(out),
+    )
     video = decord.VideoReader(str(out))
     assert len(video) == 9 and video[0].shape == (64, 64, 3)
 
@@ -99,8 +117,19 @@ def test_generate_refuses_a_photo_without_a_face_before_denoising(trained, tmp_p
 
     workdir, _, checkpoint, _ = trained
     Image.fromarray(skimage.data.camera()).convert("RGB").save(tmp_path / "camera.png")
-    result = _cli(workdir, "generate", "--checkpoint", str(checkpoint), "--image", str(tmp_path / "camera.png"),
-                  "--prompt", "a man walking", "--out", str(tmp_path / "x.mp4"), check=False)
+    result = _cli(
+        workdir,
+        "generate",
+        "--checkpoint",
+        str(checkpoint),
+        "--image",
+        str(tmp_path / "camera.png"),
+        "--prompt",
+        "a man walking",
+        "--out",
+        str(tmp_path / "x.mp4"),
+        check=False,
+    )
     assert result.returncode == 2
     assert "no face detected" in result.stderr and "camera.png" in result.stderr
     assert not (tmp_path / "x.mp4").exists()
@@ -110,16 +139,29 @@ def test_evaluate_logs_the_same_metrics_as_a_new_run(trained):
     workdir, _, checkpoint, _ = trained
     _cli(workdir, "evaluate", "--checkpoint", str(checkpoint))
     client = _client(workdir)
-    runs = client.search_runs([client.get_experiment_by_name("mm_lightning").experiment_id], "tags.`mm.role` = 'evaluate'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("mm_lightning").experiment_id], "tags.`mm.role` = 'evaluate'"
+    )
     assert len(runs) == 1
     assert "eval/video_finetune/id_similarity" in runs[0].data.metrics
 
 
 def test_a_killed_run_resumes_in_the_right_stage_at_the_right_step(tmp_path):
-    args = ["fit", "--experiment", "full", "eval.enabled=false", "curriculum.stages.image_pretrain.max_steps=60",
-            "trainer.checkpoint_every_n_steps=5"]
-    proc = subprocess.Popen([sys.executable, "-m", "mm_lightning", *args], cwd=tmp_path, env=_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "fit",
+        "--experiment",
+        "full",
+        "eval.enabled=false",
+        "curriculum.stages.image_pretrain.max_steps=60",
+        "trainer.checkpoint_every_n_steps=5",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mm_lightning", *args],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
     last = None
     while time.time() < deadline and proc.poll() is None:
@@ -159,8 +201,17 @@ def test_no_pretrain_runs_only_stage_2_and_skips_a_corrupt_video(tmp_path):
     shutil.copytree(ensure_demo_dataset(load_config("full").cache_dir), data)
     (data / "videos" / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
     with open(data / "metadata.jsonl", "a") as f:
-        f.write(json.dumps({"kind": "video", "video": "videos/corrupt.mp4", "caption": "a man talking",
-                            "reference_rule": "keyframe"}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "kind": "video",
+                    "video": "videos/corrupt.mp4",
+                    "caption": "a man talking",
+                    "reference_rule": "keyframe",
+                }
+            )
+            + "\n"
+        )
     _cli(tmp_path, "fit", "--experiment", "no_pretrain", "eval.enabled=false", f"data.root={data}")
     run_dir = next((tmp_path / "runs" / "no_pretrain").iterdir())
     state = json.loads((run_dir / "run.json").read_text())
@@ -172,8 +223,14 @@ def test_no_pretrain_runs_only_stage_2_and_skips_a_corrupt_video(tmp_path):
 
 
 def test_two_process_ddp_keeps_the_trainable_weights_identical(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)], cwd=tmp_path,
-                            env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
@@ -187,7 +244,9 @@ def test_two_process_ddp_keeps_the_trainable_weights_identical(tmp_path):
 def test_fit_under_two_process_ddp_keeps_one_run_folder_and_one_mlflow_run(tmp_path):
     # Lightning launches rank 1 by re-running the command: it must find rank 0's run folder
     # and MLflow run instead of starting its own, and the ranks' eval artifacts must not collide.
-    _cli(tmp_path, "fit", "--experiment", "full", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp")
+    _cli(
+        tmp_path, "fit", "--experiment", "full", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"
+    )
     (run_dir,) = (tmp_path / "runs" / "full").iterdir()
     assert (run_dir / "checkpoints" / "video_finetune" / "final.ckpt").exists()
     client = _client(tmp_path)

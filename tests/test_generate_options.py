@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from evaluation.eval_set import load_eval_set
 from mm_lightning.cli import build_parser, main
 from mm_lightning.config import load_config
+from mm_lightning.evaluation.eval_set import load_eval_set
 from mm_lightning.models.loading import load_components
 from mm_lightning.pipeline import build_pipeline, offload, sample_video
 
@@ -66,8 +66,9 @@ def test_sequential_offload_puts_the_weights_behind_accelerate_hooks(tiny):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_offload_without_a_gpu_stops_with_a_clear_error(mode, capsys):
-    code = main(["generate", "--checkpoint", "missing.ckpt", "--image", "x.jpg", "--prompt", "a man",
-                 "--offload", mode])
+    code = main(
+        ["generate", "--checkpoint", "missing.ckpt", "--image", "x.jpg", "--prompt", "a man", "--offload", mode]
+    )
     assert code == 2
     assert "no GPU is visible" in capsys.readouterr().err
 
@@ -95,7 +96,9 @@ def test_eval_set_negative_prompt_per_prompt_or_default(tmp_path):
     (tmp_path / "set.yaml").write_text(yaml.safe_dump(spec))
     items = load_eval_set(tmp_path / "set.yaml")
     assert [(i.prompt, i.negative_prompt) for i in items] == [
-        ("a man running", "distorted face"), ("a man singing", "blurry")]
+        ("a man running", "distorted face"),
+        ("a man singing", "blurry"),
+    ]
     del spec["negative_prompt"]
     (tmp_path / "set.yaml").write_text(yaml.safe_dump(spec))
     assert load_eval_set(tmp_path / "set.yaml")[0].negative_prompt is None  # -> sampling.negative_prompt

@@ -20,8 +20,13 @@ def test_trainer_gets_the_derived_accumulation(tmp_path):
     cfg = load_config("full", overrides=["curriculum.stages.image_pretrain.global_batch=12", "trainer.accelerator=cpu"])
     trainer = build_trainer(cfg, "image_pretrain", logger=False, callbacks=[], run_dir=tmp_path)
     assert trainer.world_size == 1 and trainer.accumulate_grad_batches == 3  # 12 = 4 per device x 3
-    plain = build_trainer(load_config("full", overrides=["trainer.accelerator=cpu"]), "image_pretrain",
-                          logger=False, callbacks=[], run_dir=tmp_path)
+    plain = build_trainer(
+        load_config("full", overrides=["trainer.accelerator=cpu"]),
+        "image_pretrain",
+        logger=False,
+        callbacks=[],
+        run_dir=tmp_path,
+    )
     assert plain.accumulate_grad_batches == 1  # tiny: no global batch, accumulate_grad_batches as given
 
 
@@ -29,5 +34,10 @@ def test_global_batch_config_errors():
     with pytest.raises(ConfigError, match="not a multiple of the per-device batch_size 4"):
         load_config("full", overrides=["curriculum.stages.image_pretrain.global_batch=6"])
     with pytest.raises(ConfigError, match="global_batch or accumulate_grad_batches, not both"):
-        load_config("full", overrides=["curriculum.stages.image_pretrain.global_batch=8",
-                                       "curriculum.stages.image_pretrain.accumulate_grad_batches=2"])
+        load_config(
+            "full",
+            overrides=[
+                "curriculum.stages.image_pretrain.global_batch=8",
+                "curriculum.stages.image_pretrain.accumulate_grad_batches=2",
+            ],
+        )

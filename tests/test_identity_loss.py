@@ -27,10 +27,15 @@ def test_aligned_crops_match_insightface_norm_crop():
 @pytest.fixture(scope="module")
 def module(tmp_path_factory):
     root = make_insightface_root(tmp_path_factory.mktemp("insightface"))
-    cfg = load_config("full", overrides=[
-        "faces.backend=insightface", f"faces.insightface_root={root}", "loss.identity_weight=1.0",
-        "loss.identity_max_timestep=400",
-    ])
+    cfg = load_config(
+        "full",
+        overrides=[
+            "faces.backend=insightface",
+            f"faces.insightface_root={root}",
+            "loss.identity_weight=1.0",
+            "loss.identity_max_timestep=400",
+        ],
+    )
     return MagicMirrorModule(cfg, stage="image_pretrain")
 
 

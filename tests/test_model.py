@@ -68,7 +68,9 @@ def test_only_adapter_and_encoder_parameters_get_gradients(experiment):
                 p.normal_(std=0.1)
     face = model.encode_face(*_face_args(components, cfg))
     model(latents, text, t, image_rotary_emb=rotary, face=face)[0].pow(2).mean().backward()
-    base_names = {f"base.{n}" for n, _ in CogVideoXTransformer3DModel.from_pretrained(cfg.weights.transformer).named_parameters()}
+    base_names = {
+        f"base.{n}" for n, _ in CogVideoXTransformer3DModel.from_pretrained(cfg.weights.transformer).named_parameters()
+    }
     for name, p in model.named_parameters():
         is_base = name.replace(".block.", ".") in base_names or name.startswith("face_encoder.clip.")
         if is_base:
@@ -109,7 +111,14 @@ def test_identity_token_mask_marks_class_words_and_trigger_word():
     marked = [tok.decode([ids[j]]).strip() for j in range(16) if mask[0, j]]
     assert "".join(marked) == "woman"
     trig = identity_token_mask(tok, ["a man walking"], ["man"], "walking", 16)
-    assert "".join(tok.decode([ids]).strip() for ids, m in zip(tok("a man walking", max_length=16, padding="max_length").input_ids, trig[0]) if m) == "walking"
+    assert (
+        "".join(
+            tok.decode([ids]).strip()
+            for ids, m in zip(tok("a man walking", max_length=16, padding="max_length").input_ids, trig[0])
+            if m
+        )
+        == "walking"
+    )
 
 
 def test_missing_weights_name_path_files_and_origin(tmp_path):
@@ -189,8 +198,13 @@ def test_guidance_can_drop_the_face_from_the_unconditional_branch():
                 p.normal_(std=0.1)
         twice = lambda x: torch.cat([x, x])  # noqa: E731
         expected = plain(latents, text, t, image_rotary_emb=rotary, return_dict=False)[0]
-        dropped = model(twice(latents), twice(text), twice(t), image_rotary_emb=rotary,
-                        face=face.for_guidance(uncond_face=False, uncond_id=False))[0]
+        dropped = model(
+            twice(latents),
+            twice(text),
+            twice(t),
+            image_rotary_emb=rotary,
+            face=face.for_guidance(uncond_face=False, uncond_id=False),
+        )[0]
         kept = model(twice(latents), twice(text), twice(t), image_rotary_emb=rotary, face=face.for_guidance())[0]
     assert (dropped[:1] - expected).abs().max() <= 1e-5
     assert (kept[:1] - expected).abs().max() > 1e-3

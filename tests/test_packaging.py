@@ -21,9 +21,10 @@ model:
 
 
 def _wheel_name(source: Path) -> str:
-    """Where a source file lands in the wheel: experiments/ ships as mm_lightning/experiments (pyproject.toml)."""
+    """Where a source file lands in the wheel: the user's top-level callbacks/, evaluation/ and experiments/
+    ship inside mm_lightning/ (pyproject.toml's package-dir)."""
     relative = source.relative_to(REPO).as_posix()
-    return "mm_lightning/" + relative if relative.startswith("experiments/") else relative
+    return relative if relative.startswith("mm_lightning/") else "mm_lightning/" + relative
 
 
 def _build_wheel(tmp_path: Path) -> Path:
@@ -34,8 +35,23 @@ def _build_wheel(tmp_path: Path) -> Path:
         shutil.copy(REPO / name, src / name)
     for name in SOURCES:
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
-                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(src),
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return next((tmp_path / "dist").glob("mm_lightning-*.whl"))
 
 
@@ -43,14 +59,22 @@ def _build_wheel(tmp_path: Path) -> Path:
 def test_wheel_installs_and_runs_a_user_experiment_away_from_the_source_tree(tmp_path):
     wheel = _build_wheel(tmp_path)
     shipped = set(zipfile.ZipFile(wheel).namelist())
-    sources = [p for name in SOURCES for p in (REPO / name).rglob("*") if p.suffix in (".py", ".yaml")
-               and "__pycache__" not in p.parts]
+    sources = [
+        p
+        for name in SOURCES
+        for p in (REPO / name).rglob("*")
+        if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts
+    ]
     missing = sorted(_wheel_name(p) for p in sources if _wheel_name(p) not in shipped)
     assert not missing, f"pyproject.toml's package list leaves these out of the wheel: {missing}"
 
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     user = tmp_path / "user_project"  # the user's own folder: no repo, no experiments/ beside it
     user.mkdir()
     (user / "my_variant.yaml").write_text(MY_VARIANT)
@@ -58,8 +82,7 @@ def test_wheel_installs_and_runs_a_user_experiment_away_from_the_source_tree(tmp
     env.pop("PYTEST_CURRENT_TEST", None)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, *args], cwd=user, env=env, capture_output=True, text=True,
-                                timeout=900)
+        result = subprocess.run([sys.executable, *args], cwd=user, env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, f"{args}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         return result
 
@@ -67,10 +90,24 @@ def test_wheel_installs_and_runs_a_user_experiment_away_from_the_source_tree(tmp
     module, experiments = where.stdout.split()
     assert Path(module).is_relative_to(site), module  # the installed copy, not the checkout
     assert Path(experiments) == site / "mm_lightning" / "experiments"  # read as package data
+    namespaced = cli(
+        "-c",
+        "import importlib.util as u; print([u.find_spec(n) is None for n in "
+        "('callbacks', 'evaluation', 'mm_lightning.callbacks.evaluation', 'mm_lightning.evaluation')])",
+    )
+    assert namespaced.stdout.strip() == "[True, True, False, False]"  # no generic top-level names
 
     assert "experiment: no_can" in cli("-m", "mm_lightning", "describe", "--experiment", "no_can").stdout
-    fit = cli("-m", "mm_lightning", "fit", "--experiment", "./my_variant.yaml", "eval.enabled=false",
-              "curriculum.stages.image_pretrain.max_steps=1", "curriculum.stages.video_finetune.max_steps=1")
+    fit = cli(
+        "-m",
+        "mm_lightning",
+        "fit",
+        "--experiment",
+        "./my_variant.yaml",
+        "eval.enabled=false",
+        "curriculum.stages.image_pretrain.max_steps=1",
+        "curriculum.stages.video_finetune.max_steps=1",
+    )
     assert "finished my_variant" in fit.stdout
     config = next((user / "runs" / "my_variant").iterdir()) / "config.yaml"
     assert "can: false" in config.read_text()  # the user's file composed over base.yaml and the profile

@@ -18,26 +18,40 @@ def photomaker_v2_id_encoder(clip_state: dict, id_dim: int, clip_dim: int, dim: 
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
     p = "qformer_perceiver."
     sd = {
-        f"{p}token_proj.0.weight": r(id_dim * 4, id_dim), f"{p}token_proj.0.bias": r(id_dim * 4),
-        f"{p}token_proj.2.weight": r(dim * tokens, id_dim * 4), f"{p}token_proj.2.bias": r(dim * tokens),
-        f"{p}token_norm.weight": 1 + r(dim), f"{p}token_norm.bias": r(dim),
-        f"{p}perceiver_resampler.proj_in.weight": r(dim, clip_dim), f"{p}perceiver_resampler.proj_in.bias": r(dim),
-        f"{p}perceiver_resampler.proj_out.weight": r(dim, dim), f"{p}perceiver_resampler.proj_out.bias": r(dim),
-        f"{p}perceiver_resampler.norm_out.weight": 1 + r(dim), f"{p}perceiver_resampler.norm_out.bias": r(dim),
+        f"{p}token_proj.0.weight": r(id_dim * 4, id_dim),
+        f"{p}token_proj.0.bias": r(id_dim * 4),
+        f"{p}token_proj.2.weight": r(dim * tokens, id_dim * 4),
+        f"{p}token_proj.2.bias": r(dim * tokens),
+        f"{p}token_norm.weight": 1 + r(dim),
+        f"{p}token_norm.bias": r(dim),
+        f"{p}perceiver_resampler.proj_in.weight": r(dim, clip_dim),
+        f"{p}perceiver_resampler.proj_in.bias": r(dim),
+        f"{p}perceiver_resampler.proj_out.weight": r(dim, dim),
+        f"{p}perceiver_resampler.proj_out.bias": r(dim),
+        f"{p}perceiver_resampler.norm_out.weight": 1 + r(dim),
+        f"{p}perceiver_resampler.norm_out.bias": r(dim),
     }
     for i in range(depth):
         layer = f"{p}perceiver_resampler.layers.{i}."
         sd |= {
-            f"{layer}0.norm1.weight": 1 + r(dim), f"{layer}0.norm1.bias": r(dim),
-            f"{layer}0.norm2.weight": 1 + r(dim), f"{layer}0.norm2.bias": r(dim),
-            f"{layer}0.to_q.weight": r(dim, dim), f"{layer}0.to_kv.weight": r(2 * dim, dim),
+            f"{layer}0.norm1.weight": 1 + r(dim),
+            f"{layer}0.norm1.bias": r(dim),
+            f"{layer}0.norm2.weight": 1 + r(dim),
+            f"{layer}0.norm2.bias": r(dim),
+            f"{layer}0.to_q.weight": r(dim, dim),
+            f"{layer}0.to_kv.weight": r(2 * dim, dim),
             f"{layer}0.to_out.weight": r(dim, dim),
-            f"{layer}1.0.weight": 1 + r(dim), f"{layer}1.0.bias": r(dim),
-            f"{layer}1.1.weight": r(4 * dim, dim), f"{layer}1.3.weight": r(dim, 4 * dim),
+            f"{layer}1.0.weight": 1 + r(dim),
+            f"{layer}1.0.bias": r(dim),
+            f"{layer}1.1.weight": r(4 * dim, dim),
+            f"{layer}1.3.weight": r(dim, 4 * dim),
         }
     # SDXL-only parts MagicMirror does not use, and the CLIP ViT.
-    sd |= {"fuse_module.mlp1.fc1.weight": r(8, 8), "visual_projection.weight": r(8, clip_dim),
-           "visual_projection_2.weight": r(8, clip_dim)}
+    sd |= {
+        "fuse_module.mlp1.fc1.weight": r(8, 8),
+        "visual_projection.weight": r(8, clip_dim),
+        "visual_projection_2.weight": r(8, clip_dim),
+    }
     # PhotoMaker's CLIPVisionModelWithProjection (transformers 4) nests the ViT under vision_model.
     sd |= {"vision_model." + k.removeprefix("vision_model."): v + r(*v.shape) for k, v in clip_state.items()}
     return sd
@@ -47,8 +61,11 @@ def photomaker_forward(sd: dict, id_embeds, features, tokens: int, dim: int, dep
     """PhotoMakerV2's QFormerPerceiver.forward, transcribed from its source, on a raw state dict."""
     p = lambda name: sd[f"qformer_perceiver.{name}"]  # noqa: E731
     ln = lambda x, name: F.layer_norm(x, x.shape[-1:], p(f"{name}.weight"), p(f"{name}.bias"))  # noqa: E731
-    x = F.linear(F.gelu(F.linear(id_embeds, p("token_proj.0.weight"), p("token_proj.0.bias"))),
-                 p("token_proj.2.weight"), p("token_proj.2.bias")).reshape(-1, tokens, dim)
+    x = F.linear(
+        F.gelu(F.linear(id_embeds, p("token_proj.0.weight"), p("token_proj.0.bias"))),
+        p("token_proj.2.weight"),
+        p("token_proj.2.bias"),
+    ).reshape(-1, tokens, dim)
     x = ln(x, "token_norm")
     feats = F.linear(features, p("perceiver_resampler.proj_in.weight"), p("perceiver_resampler.proj_in.bias"))
     latents, heads = x, dim // head_dim
@@ -89,12 +106,14 @@ def test_photomaker_v2_checkpoint_loads_key_for_key(tmp_path, suffix):
     with torch.no_grad():
         tokens = perceiver.token_norm(perceiver.token_proj(id_embeds).unflatten(-1, (m.num_id_tokens, -1)))
         ours = tokens + perceiver.perceiver_resampler(tokens, features)
-        theirs = photomaker_forward(sd, id_embeds, features, m.num_id_tokens, m.id_encoder_dim, m.id_encoder_depth,
-                                    m.id_encoder_head_dim)
+        theirs = photomaker_forward(
+            sd, id_embeds, features, m.num_id_tokens, m.id_encoder_dim, m.id_encoder_depth, m.id_encoder_head_dim
+        )
     assert torch.allclose(ours, theirs, atol=1e-5)
 
-    frozen = load_components(load_config("full", overrides=[f"weights.photomaker_v2={path}",
-                                                            "model.freeze_id_perceiver=true"]))
+    frozen = load_components(
+        load_config("full", overrides=[f"weights.photomaker_v2={path}", "model.freeze_id_perceiver=true"])
+    )
     trainable = {n for n, p in frozen.transformer.face_encoder.id_perceiver.named_parameters() if p.requires_grad}
     assert trainable == {"proj.weight", "proj.bias"}  # PhotoMakerV2's part frozen, the new projection trains
 

@@ -14,13 +14,21 @@ from mm_lightning.pipeline import build_pipeline, sample_video
 from mm_lightning.text import identity_token_mask
 
 # The keys that make each backbone what it is; sizes stay the tiny profile's.
-ARCHITECTURE_KEYS = ("patch_size", "patch_size_t", "patch_bias", "use_rotary_positional_embeddings",
-                     "use_learned_positional_embeddings", "spatial_interpolation_scale", "temporal_interpolation_scale")
+ARCHITECTURE_KEYS = (
+    "patch_size",
+    "patch_size_t",
+    "patch_bias",
+    "use_rotary_positional_embeddings",
+    "use_learned_positional_embeddings",
+    "spatial_interpolation_scale",
+    "temporal_interpolation_scale",
+)
 PROFILES = ["cogvideox-2b", "cogvideox1.5-5b"]
 
 
-@pytest.mark.parametrize("profile, backbone", [("cogvideox-2b", (1.65e9, 1.75e9)),
-                                               ("cogvideox1.5-5b", (5.5e9, 5.65e9))])
+@pytest.mark.parametrize(
+    "profile, backbone", [("cogvideox-2b", (1.65e9, 1.75e9)), ("cogvideox1.5-5b", (5.5e9, 5.65e9))]
+)
 def test_describe_counts_the_real_backbone_on_the_meta_device(profile, backbone):
     rows = {name: total for name, total, _ in parameter_table(build_from_architecture(load_config("full", profile)))}
     low, high = backbone  # CogVideoX-2B has 1.69B transformer parameters, CogVideoX1.5-5B about 5.57B
@@ -51,8 +59,13 @@ def test_fresh_adapted_model_equals_diffusers_model_on_the_profile_architecture(
     if tconf.use_rotary_positional_embeddings:
         pipe = build_pipeline(components)
         rotary = pipe._prepare_rotary_positional_embeddings(64, 64, latents.shape[1], torch.device("cpu"))
-    mask = identity_token_mask(components.tokenizer, ["a man walking", "a woman smiling"], cfg.model.identity_words,
-                               None, tconf.max_text_seq_length)
+    mask = identity_token_mask(
+        components.tokenizer,
+        ["a man walking", "a woman smiling"],
+        cfg.model.identity_words,
+        None,
+        tconf.max_text_seq_length,
+    )
     size = components.transformer.face_encoder.clip_image_size
     face = components.transformer.encode_face(torch.rand(2, 3, size, size), torch.randn(2, 128), mask)
     with torch.no_grad():
@@ -64,8 +77,14 @@ def test_fresh_adapted_model_equals_diffusers_model_on_the_profile_architecture(
     # 1.5's sampling frame rule (diffusers pads 3 latent frames to 4, drops the padding): 9 frames out.
     if tconf.patch_size_t:
         sampling = load_config("full", overrides=[f"cache_dir={tmp_path}", "sampling.num_inference_steps=1"])
-        frames = sample_video(build_pipeline(components), sampling, "a man talking", torch.rand(1, 3, size, size),
-                              torch.randn(128), seed=0)
+        frames = sample_video(
+            build_pipeline(components),
+            sampling,
+            "a man talking",
+            torch.rand(1, 3, size, size),
+            torch.randn(128),
+            seed=0,
+        )
         assert frames.shape == (9, 64, 64, 3)
 
 

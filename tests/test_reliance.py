@@ -4,12 +4,12 @@ face branch has learned to tell two identities apart, and blind to everything bu
 import pytest
 import torch
 
-from evaluation import ablation_table
-from evaluation.eval_set import demo_eval_set, load_eval_set
 from mm_lightning.config import list_experiments, load_config
+from mm_lightning.evaluation.eval_set import demo_eval_set, load_eval_set
 from mm_lightning.faces import build_face_analyzer
 from mm_lightning.module import MagicMirrorModule
 from mm_lightning.reliance import RelianceProbe, donor_indices
+from mm_lightning.reports import ablation_table
 
 FAST = ["eval.reliance_identities=3", "eval.reliance_timesteps=2"]
 
@@ -35,8 +35,13 @@ def test_probe_reads_exactly_zero_on_a_fresh_model(experiment):
 def _two_identity_probe(cfg, module, zero_faces: bool = False) -> RelianceProbe:
     """Two demo identities that share their caption ("a woman ..."): only the face tells them apart."""
     items = [item for item in load_eval_set(demo_eval_set(cfg.cache_dir)) if item.identity in ("astronaut", "t1_a")]
-    probe = RelianceProbe(items, build_face_analyzer("dlib"), module.transformer.face_encoder.clip_image_size,
-                          num_timesteps=4, max_batch=8)
+    probe = RelianceProbe(
+        items,
+        build_face_analyzer("dlib"),
+        module.transformer.face_encoder.clip_image_size,
+        num_timesteps=4,
+        max_batch=8,
+    )
     assert probe.captions[0] == probe.captions[1] and probe.donors == [1, 0]
     if zero_faces:
         probe.ref_pixels.zero_()
@@ -80,9 +85,11 @@ def test_probe_sees_a_trained_face_branch_and_nothing_else():
 
 
 def test_ablation_table_shows_id_reliance_over_seeds_against_full():
-    runs = [ablation_table.TrainRun(variant, str(seed), "m", "FINISHED", seed, {"id_reliance": value})
-            for variant, values in (("full", (0.02, 0.04)), ("structural_only", (0.01, 0.01)))
-            for seed, value in enumerate(values)]
+    runs = [
+        ablation_table.TrainRun(variant, str(seed), "m", "FINISHED", seed, {"id_reliance": value})
+        for variant, values in (("full", (0.02, 0.04)), ("structural_only", (0.01, 0.01)))
+        for seed, value in enumerate(values)
+    ]
     table = ablation_table.aggregate("ablation", "m", runs, ablation_table.DEFAULT_METRICS, {})
     text = ablation_table.render(table, "md")
     assert "| id_reliance | Δ full |" in text

@@ -11,12 +11,15 @@ from mm_lightning.module import MagicMirrorModule
 
 def test_snapshot_loads_through_the_real_path_and_trains_from_its_cache(tmp_path):
     out = tmp_path / "snap"
-    assert main(["snapshot", "--profile", "tiny", "--out", str(out), "--samples", "2", "faces.backend=insightface"]) == 0
+    assert (
+        main(["snapshot", "--profile", "tiny", "--out", str(out), "--samples", "2", "faces.backend=insightface"]) == 0
+    )
     for folder in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "clip-vision"):
         assert any((out / folder).iterdir())
 
-    cfg = snapshot_config("full", "tiny", out, ["faces.backend=insightface", "eval.enabled=false",
-                                                "trainer.precision=bf16-mixed"])
+    cfg = snapshot_config(
+        "full", "tiny", out, ["faces.backend=insightface", "eval.enabled=false", "trainer.precision=bf16-mixed"]
+    )
     assert frozen_models_needed(cfg) == {"text_encoder": False, "vae": False}  # both stages cached
     module = MagicMirrorModule(cfg, stage="video_finetune", **frozen_models_needed(cfg))
     assert module.text_encoder is None and module.vae is None

@@ -30,9 +30,22 @@ class MlflowServer:
         self.process = None
 
     def start(self, timeout: float = 300) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-                   "--artifacts-destination", str(self.root / "artifacts")]
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root}/mlflow.db",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no background job workers
         log = open(self.root / "server.log", "a")
         self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -76,8 +89,14 @@ def _env(uri: str) -> dict:
 
 
 def _cli(workdir: Path, uri: str, *args) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "mm_lightning", *args], cwd=workdir, env=_env(uri),
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "mm_lightning", *args],
+        cwd=workdir,
+        env=_env(uri),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, f"{args}: {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -90,8 +109,19 @@ def _artifacts(client, run_id, path=None) -> list[str]:
 
 
 def test_ablate_in_parallel_and_table_against_a_tracking_server(server, tmp_path):
-    out = _cli(tmp_path, server.uri, "ablate", "--experiments", "full,no_can", "--seeds", "1", "--parallel", "2",
-               "curriculum.stages.image_pretrain.max_steps=4", "curriculum.stages.video_finetune.max_steps=4").stdout
+    out = _cli(
+        tmp_path,
+        server.uri,
+        "ablate",
+        "--experiments",
+        "full,no_can",
+        "--seeds",
+        "1",
+        "--parallel",
+        "2",
+        "curriculum.stages.image_pretrain.max_steps=4",
+        "curriculum.stages.video_finetune.max_steps=4",
+    ).stdout
     assert "[1/2] full seed=0 ... started" in out and "[2/2] no_can seed=0 ... started" in out
     assert not (tmp_path / "mlruns").exists()  # nothing went to a local store
 
@@ -112,10 +142,23 @@ def test_ablate_in_parallel_and_table_against_a_tracking_server(server, tmp_path
 
 
 def test_training_goes_on_when_the_server_drops_and_sync_run_pushes_the_rest(server, tmp_path):
-    args = ["fit", "--experiment", "full", "eval.enabled=false", "curriculum.stages.image_pretrain.max_steps=40",
-            "curriculum.stages.video_finetune.max_steps=4", "trainer.checkpoint_every_n_steps=4"]
-    proc = subprocess.Popen([sys.executable, "-m", "mm_lightning", *args], cwd=tmp_path, env=_env(server.uri),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = [
+        "fit",
+        "--experiment",
+        "full",
+        "eval.enabled=false",
+        "curriculum.stages.image_pretrain.max_steps=40",
+        "curriculum.stages.video_finetune.max_steps=4",
+        "trainer.checkpoint_every_n_steps=4",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mm_lightning", *args],
+        cwd=tmp_path,
+        env=_env(server.uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not list(tmp_path.glob("runs/full/*/checkpoints/image_pretrain/last.ckpt")):
         time.sleep(0.05)

@@ -21,9 +21,14 @@ def _fixed_loss(module, batch) -> float:
 
 
 def test_training_lowers_the_loss_on_the_demo_data(tmp_path):
-    cfg = load_config("full", overrides=[
-        "eval.enabled=false", f"output_dir={tmp_path}", "curriculum.stages.image_pretrain.max_steps=60",
-    ])
+    cfg = load_config(
+        "full",
+        overrides=[
+            "eval.enabled=false",
+            f"output_dir={tmp_path}",
+            "curriculum.stages.image_pretrain.max_steps=60",
+        ],
+    )
     L.seed_everything(0)
     module = MagicMirrorModule(cfg, stage="image_pretrain")
     datamodule = build_datamodule(cfg, "image_pretrain", module.transformer.face_encoder.clip_image_size)
@@ -89,7 +94,15 @@ def test_latent_cache_round_trip_and_stale_detection(tmp_path):
 
     # Same encoded tensors as encoding the sample now (the cache stores what training computes).
     sample = cached.dataset[0]
-    assert set(sample) >= {"latents", "prompt_embeds", "ref_pixels", "id_embedding", "face_mask", "face_boxes", "caption"}
+    assert set(sample) >= {
+        "latents",
+        "prompt_embeds",
+        "ref_pixels",
+        "id_embedding",
+        "face_mask",
+        "face_boxes",
+        "caption",
+    }
 
     stale = load_config("full", overrides=overrides + ["curriculum.stages.video_finetune.height=72"])
     with pytest.raises(StaleCacheError, match="height: cached 64 != now 72"):

@@ -29,12 +29,15 @@ def test_a_user_profile_file_is_a_profile(tmp_path):
     assert cfg.model.can  # base.yaml and the experiment still apply
 
 
-@pytest.mark.parametrize("text, message", [
-    ("model:\n  can: false\n  cann: true\n", r"bad\.yaml, line 3: unknown config key 'model\.cann'; valid keys"),
-    ("model:\n  can: [1, 2\ntrainer: {}\n", r"bad\.yaml, line 3: not valid YAML"),
-    ("seed: 1\nmodel:\n  num_id_tokens: many\n", r"bad\.yaml, line 3: invalid value: .*'many'.*num_id_tokens\)$"),
-    ("- a list\n", r"bad\.yaml: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model:\n  can: false\n  cann: true\n", r"bad\.yaml, line 3: unknown config key 'model\.cann'; valid keys"),
+        ("model:\n  can: [1, 2\ntrainer: {}\n", r"bad\.yaml, line 3: not valid YAML"),
+        ("seed: 1\nmodel:\n  num_id_tokens: many\n", r"bad\.yaml, line 3: invalid value: .*'many'.*num_id_tokens\)$"),
+        ("- a list\n", r"bad\.yaml: expected a mapping"),
+    ],
+)
 def test_mistakes_in_a_user_file_name_the_file_and_line(tmp_path, text, message):
     path = _write(tmp_path, "bad.yaml", text)
     with pytest.raises(ConfigError, match=message):

@@ -37,26 +37,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LAUNCHER_PREFIX = "launcher."  # overrides for the launcher only: not passed to fit, not part of the matrix id
-STATUS_OF = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "preempted", "RUNNING": "running",
-             "SCHEDULED": "running"}
+STATUS_OF = {
+    "FINISHED": "finished",
+    "FAILED": "failed",
+    "KILLED": "preempted",
+    "RUNNING": "running",
+    "SCHEDULED": "running",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--experiments",
-                       help="comma-separated variants (default: every experiments/*.yaml except base.yaml)")
+    which.add_argument(
+        "--experiments", help="comma-separated variants (default: every experiments/*.yaml except base.yaml)"
+    )
     which.add_argument("--matrix", help="an ablation matrix: a name in experiments/ablations/ or a YAML path")
     parser.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 for every variant")
     parser.add_argument("--profile", default="tiny", help="sizes and weight paths: tiny (default) or cogvideox-5b")
     parser.add_argument("--mlflow-experiment", default="ablation", help="MLflow experiment holding every run")
-    parser.add_argument("--launcher", choices=["local", "slurm"], default="local",
-                        help="local: jobs on this machine (default); slurm: one SLURM job per pair")
-    parser.add_argument("--parallel", type=int,
-                        help="pairs running at once: locally (default 1), or of the SLURM array (default: all)")
-    parser.add_argument("--status", action="store_true",
-                        help="show each pair's state from the tracking store, submit nothing")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides for every run; launcher.* ones configure the launcher")
+    parser.add_argument(
+        "--launcher",
+        choices=["local", "slurm"],
+        default="local",
+        help="local: jobs on this machine (default); slurm: one SLURM job per pair",
+    )
+    parser.add_argument(
+        "--parallel", type=int, help="pairs running at once: locally (default 1), or of the SLURM array (default: all)"
+    )
+    parser.add_argument(
+        "--status", action="store_true", help="show each pair's state from the tracking store, submit nothing"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides for every run; launcher.* ones configure the launcher",
+    )
 
 
 @dataclass(frozen=True)
@@ -95,8 +111,11 @@ def build_pairs(args: argparse.Namespace, overrides: list[str]) -> tuple[str, li
     else:
         variants = args.experiments.split(",") if args.experiments else list_experiments()
         rows, keys = [(variant, variant, (), ()) for variant in variants], variants
-    pairs = [Pair(key, seed, experiment, row_overrides, tags)
-             for key, experiment, row_overrides, tags in rows for seed in seeds]
+    pairs = [
+        Pair(key, seed, experiment, row_overrides, tags)
+        for key, experiment, row_overrides, tags in rows
+        for seed in seeds
+    ]
     return matrix_id(args.profile, overrides, seeds, keys), pairs
 
 
@@ -158,12 +177,22 @@ def make_executor(kind: str, folder: Path, launcher, parallel: int):
 def slurm_parameters(launcher, parallel: int) -> dict:
     """submitit's SlurmExecutor parameters (its names for the #SBATCH options)."""
     gpus = launcher.gpus_per_node
-    optional = {"partition": launcher.partition, "account": launcher.account, "gpus_per_node": gpus or None,
-                "cpus_per_task": launcher.cpus_per_task, "additional_parameters": dict(launcher.sbatch_flags) or None,
-                "setup": list(launcher.setup) or None}
-    return {"time": launcher.timeout_min, "nodes": launcher.nodes, "ntasks_per_node": max(1, gpus),  # a task per GPU
-            "signal_delay_s": launcher.signal_delay_s, "array_parallelism": parallel,
-            **{key: value for key, value in optional.items() if value is not None}}
+    optional = {
+        "partition": launcher.partition,
+        "account": launcher.account,
+        "gpus_per_node": gpus or None,
+        "cpus_per_task": launcher.cpus_per_task,
+        "additional_parameters": dict(launcher.sbatch_flags) or None,
+        "setup": list(launcher.setup) or None,
+    }
+    return {
+        "time": launcher.timeout_min,
+        "nodes": launcher.nodes,
+        "ntasks_per_node": max(1, gpus),  # a task per GPU
+        "signal_delay_s": launcher.signal_delay_s,
+        "array_parallelism": parallel,
+        **{key: value for key, value in optional.items() if value is not None},
+    }
 
 
 def pair_states(client, experiment_name: str, matrix: str, pairs: list[Pair]) -> dict[Pair, tuple[str, object]]:
@@ -176,9 +205,16 @@ def pair_states(client, experiment_name: str, matrix: str, pairs: list[Pair]) ->
     from mm_lightning.tracking import RUN_LOCK_FILE, TAG_RUN_DIR, TAG_SEED, TAG_VARIANT
 
     experiment = client.get_experiment_by_name(experiment_name)
-    runs = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id], f"tags.`mm.role` = 'train' and tags.`mm.matrix_id` = '{matrix}'",
-        order_by=["attributes.start_time DESC"], max_results=10000)
+    runs = (
+        []
+        if experiment is None
+        else client.search_runs(
+            [experiment.experiment_id],
+            f"tags.`mm.role` = 'train' and tags.`mm.matrix_id` = '{matrix}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=10000,
+        )
+    )
     newest = {}
     for run in runs:
         newest.setdefault((run.data.tags.get(TAG_VARIANT), run.data.tags.get(TAG_SEED)), run)
@@ -204,10 +240,12 @@ def record_matrix(client, experiment_id: str, matrix: str, pairs: list[Pair], ar
     existing = client.search_runs([experiment_id], f"tags.`mm.role` = 'matrix' and tags.`mm.matrix_id` = '{matrix}'")
     if existing:
         return
-    run = client.create_run(experiment_id, run_name=f"matrix-{matrix}",
-                            tags={TAG_ROLE: "matrix", TAG_MATRIX_ID: matrix})
-    listing = [{"variant": p.key, "seed": p.seed, "experiment": p.experiment, "overrides": list(p.overrides)}
-               for p in pairs]
+    run = client.create_run(
+        experiment_id, run_name=f"matrix-{matrix}", tags={TAG_ROLE: "matrix", TAG_MATRIX_ID: matrix}
+    )
+    listing = [
+        {"variant": p.key, "seed": p.seed, "experiment": p.experiment, "overrides": list(p.overrides)} for p in pairs
+    ]
     client.log_dict(run.info.run_id, {"matrix_id": matrix, "command": argv, "pairs": listing}, "matrix.json")
     client.set_terminated(run.info.run_id)
 
@@ -217,8 +255,15 @@ def run(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from mm_lightning.config import load_config
-    from mm_lightning.tracking import (TAG_MATRIX_ID, TAG_ROLE, TAG_SEED, TAG_VARIANT, ensure_experiment, open_store,
-                                       tracking_uri)
+    from mm_lightning.tracking import (
+        TAG_MATRIX_ID,
+        TAG_ROLE,
+        TAG_SEED,
+        TAG_VARIANT,
+        ensure_experiment,
+        open_store,
+        tracking_uri,
+    )
 
     if args.parallel is not None and args.parallel < 1:
         print("error: --parallel must be at least 1", file=sys.stderr)
@@ -229,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     first = load_config(pairs[0].experiment, args.profile, [*overrides, *pairs[0].overrides, *launcher_overrides])
     uri = tracking_uri(first)
     if uri.startswith("sqlite:///"):  # jobs may start elsewhere (another folder, a cluster node)
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     open_store(uri)
     client = MlflowClient(uri)
     states = pair_states(client, args.mlflow_experiment, matrix, pairs)
@@ -247,12 +292,26 @@ def run(args: argparse.Namespace) -> int:
     threads = max(1, (os.cpu_count() or 1) // parallel) if args.launcher == "local" else None
     jobs = []
     for pair in todo:
-        tags = {TAG_VARIANT: pair.key, TAG_SEED: str(pair.seed), TAG_MATRIX_ID: matrix, TAG_ROLE: "train",
-                **dict(pair.tags)}
-        fit_args = ["--experiment", pair.experiment, "--profile", args.profile,
-                    *[f"--tag={k}={v}" for k, v in tags.items()], *overrides, *pair.overrides, f"seed={pair.seed}",
-                    f"tracking.experiment_name={args.mlflow_experiment}", f"tracking.tracking_uri={uri}",
-                    *gpu_overrides(args.launcher, first.launcher)]
+        tags = {
+            TAG_VARIANT: pair.key,
+            TAG_SEED: str(pair.seed),
+            TAG_MATRIX_ID: matrix,
+            TAG_ROLE: "train",
+            **dict(pair.tags),
+        }
+        fit_args = [
+            "--experiment",
+            pair.experiment,
+            "--profile",
+            args.profile,
+            *[f"--tag={k}={v}" for k, v in tags.items()],
+            *overrides,
+            *pair.overrides,
+            f"seed={pair.seed}",
+            f"tracking.experiment_name={args.mlflow_experiment}",
+            f"tracking.tracking_uri={uri}",
+            *gpu_overrides(args.launcher, first.launcher),
+        ]
         env = {"OMP_NUM_THREADS": str(threads)} if threads and "OMP_NUM_THREADS" not in os.environ else {}
         jobs.append((pair, PairJob(fit_args, str(run_dir_of(output_root, pair, matrix)), env)))
     if not jobs:

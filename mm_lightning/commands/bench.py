@@ -35,14 +35,23 @@ from .common import add_experiment_arguments, config_from_args
 
 def add_arguments(parser):
     add_experiment_arguments(parser)
-    parser.add_argument("--stage", choices=["video", "image"], default="video",
-                        help="video: stage-2 shapes at batch 1; image: stage-1 shapes (1 frame) at batch 8")
+    parser.add_argument(
+        "--stage",
+        choices=["video", "image"],
+        default="video",
+        help="video: stage-2 shapes at batch 1; image: stage-1 shapes (1 frame) at batch 8",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default: 1 (video), 8 (image)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block (static shapes)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--kernels", type=int, default=0, metavar="N",
-                        help="also profile one step of each model and report its N costliest GPU kernels")
+    parser.add_argument(
+        "--kernels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one step of each model and report its N costliest GPU kernels",
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu only smoke-tests the code (tiny profile)")
     parser.add_argument("--out-dir", default="benchmarks")
 
@@ -93,7 +102,10 @@ def analytic_bare_flops(tconf: dict, batch: int, frames: int, height: int, width
     linear = tconf["num_layers"] * 24 * dim**2 * seq
     attention = tconf["num_layers"] * 4 * seq**2 * dim
     passes = 3 if checkpointing else 2
-    return {"train": batch * (passes * linear + (passes + 1) * attention), "infer_cfg": 2 * batch * (linear + attention)}
+    return {
+        "train": batch * (passes * linear + (passes + 1) * attention),
+        "infer_cfg": 2 * batch * (linear + attention),
+    }
 
 
 def _count_flops(fn) -> int:
@@ -186,9 +198,12 @@ def _measure(name: str, train_step, infer_step, flops: dict, args, peak: float, 
         "first_train_step_s": first_train,  # includes compilation under --compile
         "first_infer_step_s": first_infer,
     }
-    print(f"{name:>8}: train {train_s:.3f} s/step ({row['train_tflops']:.0f} TFLOP/s, MFU {row['train_mfu']:.1%}), "
-          f"peak {train_mem:.1f} GiB; inference+CFG {infer_s:.3f} s/step (MFU {row['infer_mfu']:.1%}); "
-          f"first steps {first_train:.1f} s / {first_infer:.1f} s", flush=True)
+    print(
+        f"{name:>8}: train {train_s:.3f} s/step ({row['train_tflops']:.0f} TFLOP/s, MFU {row['train_mfu']:.1%}), "
+        f"peak {train_mem:.1f} GiB; inference+CFG {infer_s:.3f} s/step (MFU {row['infer_mfu']:.1%}); "
+        f"first steps {first_train:.1f} s / {first_infer:.1f} s",
+        flush=True,
+    )
     if args.kernels:
         row["kernels_train"] = _top_kernels(train_step, args.kernels, device)
         _print_kernels(f"{name} training step", row["kernels_train"])
@@ -227,8 +242,11 @@ def run(args) -> int:
     torch.manual_seed(0)
     peak = matmul_peak_tflops(device)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"{device_name}: bf16 matmul peak {peak:.0f} TFLOP/s; latents [{batch}, {frames}, "
-          f"{tconf['in_channels']}, {h}, {w}] + {tconf['max_text_seq_length']} text tokens", flush=True)
+    print(
+        f"{device_name}: bf16 matmul peak {peak:.0f} TFLOP/s; latents [{batch}, {frames}, "
+        f"{tconf['in_channels']}, {h}, {w}] + {tconf['max_text_seq_length']} text tokens",
+        flush=True,
+    )
 
     def inputs(b):
         latents = torch.randn(b, frames, tconf["in_channels"], h, w, device=device, dtype=dtype)
@@ -240,14 +258,20 @@ def run(args) -> int:
     # As CogVideoXPipeline._prepare_rotary_positional_embeddings: 1.0 and 1.5 layouts; none for 2B.
     rotary = None
     if tconf.get("use_rotary_positional_embeddings") and p_t:
-        rotary = get_3d_rotary_pos_embed(tconf["attention_head_dim"], None, (h // p, w // p), frames // p_t,
-                                         grid_type="slice", device=device,
-                                         max_size=(tconf["sample_height"] // p, tconf["sample_width"] // p))
+        rotary = get_3d_rotary_pos_embed(
+            tconf["attention_head_dim"],
+            None,
+            (h // p, w // p),
+            frames // p_t,
+            grid_type="slice",
+            device=device,
+            max_size=(tconf["sample_height"] // p, tconf["sample_width"] // p),
+        )
     elif tconf.get("use_rotary_positional_embeddings"):
-        crops = get_resize_crop_region_for_grid((h // p, w // p), tconf["sample_width"] // p,
-                                                tconf["sample_height"] // p)
-        rotary = get_3d_rotary_pos_embed(tconf["attention_head_dim"], crops, (h // p, w // p), frames,
-                                         device=device)
+        crops = get_resize_crop_region_for_grid(
+            (h // p, w // p), tconf["sample_width"] // p, tconf["sample_height"] // p
+        )
+        rotary = get_3d_rotary_pos_embed(tconf["attention_head_dim"], crops, (h // p, w // p), frames, device=device)
 
     def build_base():
         with torch.device(device):  # random init straight on the GPU
@@ -286,15 +310,18 @@ def run(args) -> int:
         base(lat2, text2, t2, image_rotary_emb=rotary, return_dict=False)
 
     flops = {"train": _count_flops(bare_train), "infer_cfg": _count_flops(bare_infer)}
-    print(f"bare FLOPs counted / analytic: training step {flops['train']:.3e} / {analytic['train']:.3e}, "
-          f"inference+CFG {flops['infer_cfg']:.3e} / {analytic['infer_cfg']:.3e}", flush=True)
+    print(
+        f"bare FLOPs counted / analytic: training step {flops['train']:.3e} / {analytic['train']:.3e}, "
+        f"inference+CFG {flops['infer_cfg']:.3e} / {analytic['infer_cfg']:.3e}",
+        flush=True,
+    )
     if args.compile:
         compile_blocks(base.transformer_blocks)
         # diffusers hands block 0 slices of the patch embedding; later blocks get fresh tensors.
         base.transformer_blocks[0] = ContiguousInputs(base.transformer_blocks[0])
     with sdpa_kernel(backends):
         results["bare"] = _measure("bare", bare_train, bare_infer, flops, args, peak, device)
-    del base
+    base = None  # frees the bare model (the closures above share its cell) before the adapted one is built
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -304,7 +331,11 @@ def run(args) -> int:
         model = build_magicmirror(cfg, build_base(), clip).to(dtype)
     model.gradient_checkpointing = checkpointing
     size = clip.config.image_size
-    id_dim = model.face_encoder.id_perceiver.token_proj[0].in_features if model.face_encoder.id_perceiver is not None else 512
+    id_dim = (
+        model.face_encoder.id_perceiver.token_proj[0].in_features
+        if model.face_encoder.id_perceiver is not None
+        else 512
+    )
     mask = torch.zeros(batch, tconf["max_text_seq_length"], device=device)
     mask[:, 2] = 1
     ref = torch.rand(batch, 3, size, size, device=device, dtype=dtype)
@@ -328,17 +359,32 @@ def run(args) -> int:
         results["adapted"] = _measure("adapted", adapted_train, adapted_infer, flops, args, peak, device)
 
     bare, adapted = results["bare"], results["adapted"]
-    ratios = {"train_ratio": adapted["train_step_s"] / bare["train_step_s"],
-              "infer_cfg_ratio": adapted["infer_cfg_step_s"] / bare["infer_cfg_step_s"],
-              "train_flops_ratio": adapted["train_flops"] / bare["train_flops"]}
-    print(f"adapted/bare: training step {ratios['train_ratio']:.3f} (FLOPs {ratios['train_flops_ratio']:.3f}), "
-          f"inference step with CFG {ratios['infer_cfg_ratio']:.3f}")
+    ratios = {
+        "train_ratio": adapted["train_step_s"] / bare["train_step_s"],
+        "infer_cfg_ratio": adapted["infer_cfg_step_s"] / bare["infer_cfg_step_s"],
+        "train_flops_ratio": adapted["train_flops"] / bare["train_flops"],
+    }
+    print(
+        f"adapted/bare: training step {ratios['train_ratio']:.3f} (FLOPs {ratios['train_flops_ratio']:.3f}), "
+        f"inference step with CFG {ratios['infer_cfg_ratio']:.3f}"
+    )
     report = {
-        "date": datetime.date.today().isoformat(), "device": device_name, "torch": torch.__version__,
-        "diffusers": diffusers.__version__, "python": platform.python_version(), "experiment": cfg.experiment,
-        "profile": cfg.profile, "stage": args.stage, "batch_size": batch, "compiled": args.compile,
-        "gradient_checkpointing": checkpointing, "latents": [batch, frames, tconf["in_channels"], h, w],
-        "matmul_peak_tflops": peak, "analytic_bare_flops": analytic, **results, **ratios,
+        "date": datetime.date.today().isoformat(),
+        "device": device_name,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "experiment": cfg.experiment,
+        "profile": cfg.profile,
+        "stage": args.stage,
+        "batch_size": batch,
+        "compiled": args.compile,
+        "gradient_checkpointing": checkpointing,
+        "latents": [batch, frames, tconf["in_channels"], h, w],
+        "matmul_peak_tflops": peak,
+        "analytic_bare_flops": analytic,
+        **results,
+        **ratios,
     }
     if args.compile:
         report["compile_counters"] = _compile_counters()
@@ -359,26 +405,43 @@ def _compile_counters() -> dict:
 
 def _markdown(r: dict) -> str:
     a = r["analytic_bare_flops"]
-    lines = [f"# bench {r['profile']} {r['stage']} stage, batch {r['batch_size']}{', compiled' if r['compiled'] else ''}", "",
-             f"{r['device']}, torch {r['torch']}, diffusers {r['diffusers']}, {r['date']}; latents {r['latents']}; "
-             f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}; "
-             f"bf16 matmul peak {r['matmul_peak_tflops']:.0f} TFLOP/s (measured, 8192^3)", "",
-             "| model | train step (s) | peak (GiB) | train FLOPs | TFLOP/s | MFU | inference+CFG step (s) | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# bench {r['profile']} {r['stage']} stage, batch {r['batch_size']}{', compiled' if r['compiled'] else ''}",
+        "",
+        f"{r['device']}, torch {r['torch']}, diffusers {r['diffusers']}, {r['date']}; latents {r['latents']}; "
+        f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}; "
+        f"bf16 matmul peak {r['matmul_peak_tflops']:.0f} TFLOP/s (measured, 8192^3)",
+        "",
+        "| model | train step (s) | peak (GiB) | train FLOPs | TFLOP/s | MFU | inference+CFG step (s) | MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key in ("bare", "adapted"):
         m = r[key]
-        lines.append(f"| {key} | {m['train_step_s']:.3f} | {m['train_peak_gib']:.1f} | {m['train_flops']:.3e} | "
-                     f"{m['train_tflops']:.0f} | {m['train_mfu']:.1%} | {m['infer_cfg_step_s']:.3f} | {m['infer_mfu']:.1%} |")
-    lines += ["", f"adapted / bare: training step **{r['train_ratio']:.3f}** (FLOPs {r['train_flops_ratio']:.3f}), "
-              f"inference step with CFG **{r['infer_cfg_ratio']:.3f}**", "",
-              f"FLOPs from torch.utils.flop_counter on one eager step; bare-model analytic check: training "
-              f"{a['train']:.3e}, inference+CFG {a['infer_cfg']:.3e}.", ""]
+        lines.append(
+            f"| {key} | {m['train_step_s']:.3f} | {m['train_peak_gib']:.1f} | {m['train_flops']:.3e} | "
+            f"{m['train_tflops']:.0f} | {m['train_mfu']:.1%} | {m['infer_cfg_step_s']:.3f} | {m['infer_mfu']:.1%} |"
+        )
+    lines += [
+        "",
+        f"adapted / bare: training step **{r['train_ratio']:.3f}** (FLOPs {r['train_flops_ratio']:.3f}), "
+        f"inference step with CFG **{r['infer_cfg_ratio']:.3f}**",
+        "",
+        f"FLOPs from torch.utils.flop_counter on one eager step; bare-model analytic check: training "
+        f"{a['train']:.3e}, inference+CFG {a['infer_cfg']:.3e}.",
+        "",
+    ]
     for key in ("bare", "adapted"):
         for kind in ("train", "infer_cfg"):
             rows = r[key].get(f"kernels_{kind}")
             if rows:
-                lines += [f"Costliest GPU kernels, {key}, {kind} step ({rows[0]['total_ms']:.0f} ms in all):", "",
-                          "| ms | share | calls | kernel |", "|---|---|---|---|"]
-                lines += [f"| {x['ms']:.1f} | {x['share']:.1%} | {x['calls']} | `{x['kernel'][:100]}` |" for x in rows[1:]]
+                lines += [
+                    f"Costliest GPU kernels, {key}, {kind} step ({rows[0]['total_ms']:.0f} ms in all):",
+                    "",
+                    "| ms | share | calls | kernel |",
+                    "|---|---|---|---|",
+                ]
+                lines += [
+                    f"| {x['ms']:.1f} | {x['share']:.1%} | {x['calls']} | `{x['kernel'][:100]}` |" for x in rows[1:]
+                ]
                 lines.append("")
     return "\n".join(lines)

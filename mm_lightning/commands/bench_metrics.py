@@ -22,17 +22,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames-sampled", type=int, help="face-metric frames (default 16)")
     parser.add_argument("--flow", choices=["dis", "farneback", "raft"], help="optical flow (default: dis)")
     parser.add_argument("--flow-weights", help="local RAFT weights file (with --flow raft)")
-    parser.add_argument("--flow-max-side", type=int,
-                        help="shrink frames to this longest side for flow (default: full size); 0: full size")
-    parser.add_argument("--flow-table", type=Path,
-                        help="write the flow estimators' known-displacement table (markdown) here and stop")
+    parser.add_argument(
+        "--flow-max-side",
+        type=int,
+        help="shrink frames to this longest side for flow (default: full size); 0: full size",
+    )
+    parser.add_argument(
+        "--flow-table", type=Path, help="write the flow estimators' known-displacement table (markdown) here and stop"
+    )
     parser.add_argument("--face-backend", choices=["dlib", "insightface"], help="default: dlib")
     parser.add_argument("--insightface-root")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.flow_table:
-        from evaluation.flow_displacement import displacement_table
+        from mm_lightning.evaluation.flow_displacement import displacement_table
 
         start = time.perf_counter()
         table = displacement_table()
@@ -40,21 +44,27 @@ def run(args: argparse.Namespace) -> int:
         args.flow_table.write_text(table)
         print(table + f"bench-metrics: wrote {args.flow_table} in {time.perf_counter() - start:.0f} s")
         return 0
-    from evaluation.dynamic_degree import pair_scores
-    from evaluation.motion_smoothness import motion_smoothness
-    from evaluation.sampling import uniform_indices
-    from evaluation.suite import EvaluatorConfig, VideoEvaluator
-    from evaluation.synthetic import astronaut, sliding_photo
+    from mm_lightning.evaluation.dynamic_degree import pair_scores
+    from mm_lightning.evaluation.motion_smoothness import motion_smoothness
+    from mm_lightning.evaluation.sampling import uniform_indices
+    from mm_lightning.evaluation.suite import EvaluatorConfig, VideoEvaluator
+    from mm_lightning.evaluation.synthetic import astronaut, sliding_photo
 
-    overrides = {"frames_sampled": args.frames_sampled, "face_backend": args.face_backend,
-                 "insightface_root": args.insightface_root, "flow": args.flow, "flow_weights": args.flow_weights}
+    overrides = {
+        "frames_sampled": args.frames_sampled,
+        "face_backend": args.face_backend,
+        "insightface_root": args.insightface_root,
+        "flow": args.flow,
+        "flow_weights": args.flow_weights,
+    }
     config = EvaluatorConfig(**{k: v for k, v in overrides.items() if v is not None})
     if args.flow_max_side is not None:
         config.flow_max_side = args.flow_max_side or None
     evaluator = VideoEvaluator(config)
     reference = evaluator.prepare_reference([astronaut()])
-    video = sliding_photo(astronaut(), args.frames, (args.height, args.width), speed=16,
-                          photo_height=round(0.75 * args.height))
+    video = sliding_photo(
+        astronaut(), args.frames, (args.height, args.width), speed=16, photo_height=round(0.75 * args.height)
+    )
 
     start = time.perf_counter()
     result = evaluator.score_video(video, args.fps, reference, prompt="an astronaut")
@@ -72,12 +82,18 @@ def run(args: argparse.Namespace) -> int:
     smoothness = time.perf_counter() - start
 
     flow_size = f"longest side {config.flow_max_side}" if config.flow_max_side else "full size"
-    print(f"bench-metrics: {args.frames}x{args.height}x{args.width} video at {args.fps:g} fps, "
-          f"{result['frames_scored']} face frames ({config.face_backend}), flow {config.flow} at {flow_size}")
-    print(f"bench-metrics: all offline metrics {total:.2f} s per video "
-          f"(face detection+embedding {faces:.2f} s, dynamic-degree flow {flow:.2f} s, motion smoothness "
-          f"{smoothness:.2f} s); target <= 10 s on 2 cores (the CPU may be shared: compare runs made together)")
-    print(f"bench-metrics: id_similarity {result['id_similarity']:.3f}, dynamic {result['dynamic']}, "
-          f"fm_inter {result['fm_inter']:.3f}, fm_inter_face {result['fm_inter_face']:.3f}, "
-          f"motion_smoothness {result['motion_smoothness']:.3f}")
+    print(
+        f"bench-metrics: {args.frames}x{args.height}x{args.width} video at {args.fps:g} fps, "
+        f"{result['frames_scored']} face frames ({config.face_backend}), flow {config.flow} at {flow_size}"
+    )
+    print(
+        f"bench-metrics: all offline metrics {total:.2f} s per video "
+        f"(face detection+embedding {faces:.2f} s, dynamic-degree flow {flow:.2f} s, motion smoothness "
+        f"{smoothness:.2f} s); target <= 10 s on 2 cores (the CPU may be shared: compare runs made together)"
+    )
+    print(
+        f"bench-metrics: id_similarity {result['id_similarity']:.3f}, dynamic {result['dynamic']}, "
+        f"fm_inter {result['fm_inter']:.3f}, fm_inter_face {result['fm_inter_face']:.3f}, "
+        f"motion_smoothness {result['motion_smoothness']:.3f}"
+    )
     return 0

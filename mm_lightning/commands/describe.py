@@ -39,8 +39,11 @@ def format_table(rows: list[tuple[str, int, int]]) -> str:
     lines = [f"{'component':34} {'total':>16} {'trainable':>16}", "-" * 68]
     lines += [f"{name:34} {total:>16,} {trainable:>16,}" for name, total, trainable in rows]
     new = sum(total for name, total, _ in rows if name in ADAPTER_PARTS)
-    lines += ["-" * 68, f"{'all':34} {sum(r[1] for r in rows):>16,} {sum(r[2] for r in rows):>16,}",
-              f"{'added by MagicMirror (+ CLIP)':34} {new + dict((r[0], r[1]) for r in rows)['CLIP image encoder']:>16,}"]
+    lines += [
+        "-" * 68,
+        f"{'all':34} {sum(r[1] for r in rows):>16,} {sum(r[2] for r in rows):>16,}",
+        f"{'added by MagicMirror (+ CLIP)':34} {new + dict((r[0], r[1]) for r in rows)['CLIP image encoder']:>16,}",
+    ]
     return "\n".join(lines)
 
 

@@ -15,10 +15,16 @@ from .common import add_experiment_arguments, config_from_args
 
 def add_arguments(parser):
     add_experiment_arguments(parser)
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the newest run of this experiment where it stopped")
-    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                        help="an extra MLflow tag on the run (repeatable); ablate tags each pair this way")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the newest run of this experiment where it stopped"
+    )
+    parser.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra MLflow tag on the run (repeatable); ablate tags each pair this way",
+    )
 
 
 def run(args) -> int:
@@ -36,8 +42,11 @@ def run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Preempted as stopped:
-        print(f"fit: {stopped}; MLflow run KILLED; resume with: {resume_command(args, stopped.run_dir)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"fit: {stopped}; MLflow run KILLED; resume with: {resume_command(args, stopped.run_dir)}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + stopped.signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     return 0
 
@@ -46,7 +55,18 @@ def resume_command(args, run_dir) -> str:
     """The command line that continues a stopped run (naming its folder when it was named for this one)."""
     from ..tracking import RUN_DIR_ENV
 
-    argv = ["python", "-m", "mm_lightning", "fit", "--experiment", args.experiment, "--profile", args.profile,
-            *[f"--tag={tag}" for tag in args.tag], "--resume", *args.overrides]
+    argv = [
+        "python",
+        "-m",
+        "mm_lightning",
+        "fit",
+        "--experiment",
+        args.experiment,
+        "--profile",
+        args.profile,
+        *[f"--tag={tag}" for tag in args.tag],
+        "--resume",
+        *args.overrides,
+    ]
     prefix = f"{RUN_DIR_ENV}={shlex.quote(str(run_dir))} " if os.environ.get(RUN_DIR_ENV) else ""
     return prefix + shlex.join(argv)

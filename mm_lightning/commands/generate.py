@@ -12,26 +12,46 @@ OFFLOAD_MODES = ("none", "model", "sequential")  # mm_lightning.pipeline.offload
 def add_arguments(parser):
     parser.add_argument("--checkpoint", required=True, help="a final.ckpt (or last.ckpt) written by fit")
     parser.add_argument("--image", action="append", required=True, help="reference face photo; repeat for up to 4")
-    parser.add_argument("--prompt", required=True, help='text prompt with a class word, e.g. "a woman walking on a beach"')
-    parser.add_argument("--negative-prompt", default=None,
-                        help="what classifier-free guidance steers away from, e.g. \"blurry, distorted face\" "
-                             "(default: the config's sampling.negative_prompt, empty unless set)")
+    parser.add_argument(
+        "--prompt", required=True, help='text prompt with a class word, e.g. "a woman walking on a beach"'
+    )
+    parser.add_argument(
+        "--negative-prompt",
+        default=None,
+        help='what classifier-free guidance steers away from, e.g. "blurry, distorted face" '
+        "(default: the config's sampling.negative_prompt, empty unless set)",
+    )
     parser.add_argument("--out", default="out.mp4", help="output mp4 (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--raw-weights", action="store_true",
-                        help="use the raw trained weights when the checkpoint also holds EMA weights (ema.enabled); "
-                             "by default the EMA weights are used")
-    parser.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
-                        help="diffusers' CPU offloading, needs a CUDA GPU: 'model' keeps one model (T5, transformer, "
-                             "VAE) on the GPU at a time; 'sequential' one layer at a time (least memory, slowest). "
-                             "Default: %(default)s (everything on the GPU)")
-    parser.add_argument("--int8", action="store_true",
-                        help="torchao int8 weight-only quantisation of T5 and the transformer "
-                             "(needs `pip install torchao`)")
-    parser.add_argument("--experiment", default=None, help="rebuild from this experiment instead of the checkpoint's config")
+    parser.add_argument(
+        "--raw-weights",
+        action="store_true",
+        help="use the raw trained weights when the checkpoint also holds EMA weights (ema.enabled); "
+        "by default the EMA weights are used",
+    )
+    parser.add_argument(
+        "--offload",
+        choices=OFFLOAD_MODES,
+        default="none",
+        help="diffusers' CPU offloading, needs a CUDA GPU: 'model' keeps one model (T5, transformer, "
+        "VAE) on the GPU at a time; 'sequential' one layer at a time (least memory, slowest). "
+        "Default: %(default)s (everything on the GPU)",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="torchao int8 weight-only quantisation of T5 and the transformer (needs `pip install torchao`)",
+    )
+    parser.add_argument(
+        "--experiment", default=None, help="rebuild from this experiment instead of the checkpoint's config"
+    )
     parser.add_argument("--profile", default="tiny", help="with --experiment: a profile in experiments/profiles/")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="e.g. sampling.num_inference_steps=30 sampling.scheduler=ddim sampling.vae_tiling=true")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="e.g. sampling.num_inference_steps=30 sampling.scheduler=ddim sampling.vae_tiling=true",
+    )
 
 
 def check_memory_options(offload: str, int8: bool) -> None:
@@ -41,8 +61,10 @@ def check_memory_options(offload: str, int8: bool) -> None:
     from ..config import ConfigError
 
     if offload != "none" and not torch.cuda.is_available():
-        raise ConfigError(f"--offload {offload} moves weights between the CPU and a CUDA GPU, and no GPU is visible; "
-                          "use --offload none")
+        raise ConfigError(
+            f"--offload {offload} moves weights between the CPU and a CUDA GPU, and no GPU is visible; "
+            "use --offload none"
+        )
     if int8 and importlib.util.find_spec("torchao") is None:
         raise ConfigError("--int8 needs torchao, which is not installed: pip install torchao")
 
@@ -50,9 +72,9 @@ def check_memory_options(offload: str, int8: bool) -> None:
 def run(args) -> int:
     import torch
 
-    from evaluation.video_io import write_video
+    from mm_lightning.data.media import read_image
+    from mm_lightning.evaluation.video_io import write_video
 
-    from ..data.media import read_image
     from ..faces import build_face_analyzer
     from ..module import MagicMirrorModule
     from ..pipeline import offload, quantize_int8, reference_inputs, sample_video
@@ -60,7 +82,9 @@ def run(args) -> int:
 
     check_memory_options(args.offload, args.int8)
     images = [read_image(p) for p in args.image]
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False) if Path(args.checkpoint).is_file() else None
+    checkpoint = (
+        torch.load(args.checkpoint, map_location="cpu", weights_only=False) if Path(args.checkpoint).is_file() else None
+    )
     if checkpoint is None:
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     faces_cfg = checkpoint["mm_config"]["faces"]
@@ -68,13 +92,26 @@ def run(args) -> int:
     for image, name in zip(images, args.image):  # before loading any model: a photo without a face stops here
         analyzer.require_face(image, name)
 
-    module = MagicMirrorModule.from_checkpoint(args.checkpoint, args.overrides, args.experiment, args.profile,
-                                               raw_weights=args.raw_weights, to_device=args.offload == "none")
+    module = MagicMirrorModule.from_checkpoint(
+        args.checkpoint,
+        args.overrides,
+        args.experiment,
+        args.profile,
+        raw_weights=args.raw_weights,
+        to_device=args.offload == "none",
+    )
     print(f"weights: {module.loaded_weights}")
     cfg = module.cfg
-    ref_pixels, id_embedding = reference_inputs(analyzer, images, module.transformer.face_encoder.clip_image_size, args.image)
-    mask = identity_token_mask(module.tokenizer, [args.prompt], cfg.model.identity_words, cfg.model.trigger_word,
-                               module.transformer.config.max_text_seq_length)
+    ref_pixels, id_embedding = reference_inputs(
+        analyzer, images, module.transformer.face_encoder.clip_image_size, args.image
+    )
+    mask = identity_token_mask(
+        module.tokenizer,
+        [args.prompt],
+        cfg.model.identity_words,
+        cfg.model.trigger_word,
+        module.transformer.config.max_text_seq_length,
+    )
     if mask.sum() == 0:
         words = cfg.model.trigger_word or ", ".join(cfg.model.identity_words)
         print(f"warning: the prompt has no identity word ({words}); the identity branch has nothing to write into")

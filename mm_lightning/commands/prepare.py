@@ -31,8 +31,8 @@ def add_arguments(parser):
 
 def motion_scorer(flow: str, max_side: int | None):
     """(frames, fps) -> dynamic-degree pair scores with the configured flow (static-clip filter)."""
-    from evaluation.dynamic_degree import pair_scores
-    from evaluation.flow import build_flow
+    from mm_lightning.evaluation.dynamic_degree import pair_scores
+    from mm_lightning.evaluation.flow import build_flow
 
     return functools.partial(pair_scores, flow=build_flow(flow, max_side))
 

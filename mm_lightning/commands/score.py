@@ -43,23 +43,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/score"), help="folder for per_video.jsonl and the table")
     parser.add_argument("--format", choices=["md", "csv", "latex"], default="md")
     parser.add_argument("--mlflow-experiment", help="log params, metrics, table and per_video.jsonl as one run")
-    parser.add_argument("--tracking-uri",
-                        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)"
+    )
     parser.add_argument("--face-backend", choices=["dlib", "insightface"], help="default: dlib")
     parser.add_argument("--insightface-root", help="folder holding models/<insightface-model>/*.onnx")
     parser.add_argument("--insightface-model", help="default: antelopev2")
     parser.add_argument("--clip-path", help="local CLIP folder for text alignment; without it the metric is left out")
-    parser.add_argument("--inception-weights",
-                        help="torch-fidelity Inception-v3 weights file for the inception score (needs torchvision)")
-    parser.add_argument("--flow", choices=["dis", "farneback", "raft"],
-                        help="optical flow for dynamic degree (default: dis; raft: torchvision and --flow-weights)")
+    parser.add_argument(
+        "--inception-weights",
+        help="torch-fidelity Inception-v3 weights file for the inception score (needs torchvision)",
+    )
+    parser.add_argument(
+        "--flow",
+        choices=["dis", "farneback", "raft"],
+        help="optical flow for dynamic degree (default: dis; raft: torchvision and --flow-weights)",
+    )
     parser.add_argument("--flow-weights", help="local RAFT weights file (torchvision raft_large state dict)")
-    parser.add_argument("--flow-max-side", type=int,
-                        help="shrink frames to this longest side for flow (default: full size); 0: full size")
+    parser.add_argument(
+        "--flow-max-side",
+        type=int,
+        help="shrink frames to this longest side for flow (default: full size); 0: full size",
+    )
     parser.add_argument("--frames-sampled", type=int, help="frames per video for face metrics and CLIP (default 16)")
-    parser.add_argument("--no-face-similarity", type=_no_face_policy,
-                        help="frames without a face: 'skip' (default: ID mean over face frames; a video with no "
-                             "face has no value), 'zero' (they score 0), or a number they score")
+    parser.add_argument(
+        "--no-face-similarity",
+        type=_no_face_policy,
+        help="frames without a face: 'skip' (default: ID mean over face frames; a video with no "
+        "face has no value), 'zero' (they score 0), or a number they score",
+    )
 
 
 def _no_face_policy(text: str) -> float | str:
@@ -105,12 +117,18 @@ def _row(data, folder: Path) -> Row:
 
 
 def evaluator_config(args: argparse.Namespace):
-    from evaluation.suite import EvaluatorConfig
+    from mm_lightning.evaluation.suite import EvaluatorConfig
 
-    given = {"face_backend": args.face_backend, "insightface_root": args.insightface_root,
-             "insightface_model": args.insightface_model, "clip_path": args.clip_path, "flow": args.flow,
-             "flow_weights": args.flow_weights, "frames_sampled": args.frames_sampled,
-             "inception_weights": args.inception_weights}
+    given = {
+        "face_backend": args.face_backend,
+        "insightface_root": args.insightface_root,
+        "insightface_model": args.insightface_model,
+        "clip_path": args.clip_path,
+        "flow": args.flow,
+        "flow_weights": args.flow_weights,
+        "frames_sampled": args.frames_sampled,
+        "inception_weights": args.inception_weights,
+    }
     config = {k: v for k, v in given.items() if v is not None}
     if args.flow_max_side is not None:
         config["flow_max_side"] = args.flow_max_side or None
@@ -130,7 +148,8 @@ def _jsonable(value):
 
 def score_rows(rows: list[Row], evaluator, out_file: Path) -> list[dict]:
     """Score every row, writing each record to out_file as soon as it is done."""
-    from evaluation.video_io import MediaReadError, read_image, read_video
+    from mm_lightning.data.media import MediaReadError, read_image
+    from mm_lightning.evaluation.video_io import read_video
     from mm_lightning.faces import NoFaceError
 
     references: dict[tuple[Path, ...], object] = {}  # one Reference (or its error) per reference set
@@ -148,8 +167,12 @@ def score_rows(rows: list[Row], evaluator, out_file: Path) -> list[dict]:
     records = []
     with out_file.open("w") as f:
         for row in rows:
-            record = {"video": str(row.video), "method": row.method, "prompt": row.prompt,
-                      "references": [str(p) for p in row.references]}
+            record = {
+                "video": str(row.video),
+                "method": row.method,
+                "prompt": row.prompt,
+                "references": [str(p) for p in row.references],
+            }
             start = time.perf_counter()
             try:
                 ref = reference(tuple(row.references))
@@ -167,8 +190,9 @@ def score_rows(rows: list[Row], evaluator, out_file: Path) -> list[dict]:
     return records
 
 
-def log_to_mlflow(args, config, evaluator, columns, table_rows, files: list[Path], seconds: list[float],
-                  overall: dict[str, float]) -> str:
+def log_to_mlflow(
+    args, config, evaluator, columns, table_rows, files: list[Path], seconds: list[float], overall: dict[str, float]
+) -> str:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -193,11 +217,15 @@ def log_to_mlflow(args, config, evaluator, columns, table_rows, files: list[Path
     for r in table_rows:
         name = "".join(c if c.isalnum() or c in "_-. " else "_" for c in r.method)
         metrics += [Metric(f"{name}/{m}", r.cells[m].mean, now, 0) for m in columns if r.cells[m].n]
-        metrics += [Metric(f"{name}/errors", r.errors, now, 0),
-                    Metric(f"{name}/no_face_frames", r.no_face_frames, now, 0)]
+        metrics += [
+            Metric(f"{name}/errors", r.errors, now, 0),
+            Metric(f"{name}/no_face_frames", r.no_face_frames, now, 0),
+        ]
         if r.frames_scored:
-            metrics += [Metric(f"{name}/face_rate", r.face_rate, now, 0),
-                        Metric(f"{name}/videos_without_face", r.cells["id_similarity"].undefined, now, 0)]
+            metrics += [
+                Metric(f"{name}/face_rate", r.face_rate, now, 0),
+                Metric(f"{name}/videos_without_face", r.cells["id_similarity"].undefined, now, 0),
+            ]
     client.log_batch(run.info.run_id, metrics=metrics, params=params)
     for path in files:
         client.log_artifact(run.info.run_id, str(path))
@@ -210,14 +238,17 @@ def run(args: argparse.Namespace) -> int:
         print("score: --video needs at least one --reference", file=sys.stderr)
         return 2
     try:
-        rows = (load_manifest(args.manifest) if args.manifest
-                else [Row(args.video, list(args.reference), args.prompt, args.method)])
+        rows = (
+            load_manifest(args.manifest)
+            if args.manifest
+            else [Row(args.video, list(args.reference), args.prompt, args.method)]
+        )
     except (ManifestError, OSError) as err:
         print(f"score: {err}", file=sys.stderr)
         return 2
     # Imported here: the CLI builds every command's parser, and torch/dlib take seconds to load.
-    from evaluation.score_table import build_table, render
-    from evaluation.suite import VideoEvaluator
+    from mm_lightning.evaluation.suite import VideoEvaluator
+    from mm_lightning.reports.score_table import build_table, render
 
     config = evaluator_config(args)
     try:
@@ -241,8 +272,12 @@ def run(args: argparse.Namespace) -> int:
 
     seconds = [r["seconds"] for r in records if "error" not in r]
     failed = len(records) - len(seconds)
-    timing = (f"{statistics.fmean(seconds):.2f} s per video (median {statistics.median(seconds):.2f} s, "
-              f"total {sum(seconds):.1f} s)" if seconds else "no video scored")
+    timing = (
+        f"{statistics.fmean(seconds):.2f} s per video (median {statistics.median(seconds):.2f} s, "
+        f"total {sum(seconds):.1f} s)"
+        if seconds
+        else "no video scored"
+    )
     print(f"score: {len(seconds)} videos scored, {failed} failed; {timing}; wrote {per_video} and {table_file}")
     # Set-level metrics have no per-video value: over every video of the manifest, whatever its method.
     overall = {}
@@ -250,7 +285,6 @@ def run(args: argparse.Namespace) -> int:
         overall["inception_score_all_videos"] = float(evaluator.metrics["inception_score"].compute())
         print(f"score: inception score over all {len(seconds)} videos: {overall['inception_score_all_videos']:.3f}")
     if args.mlflow_experiment:
-        run_id = log_to_mlflow(args, config, evaluator, columns, table_rows, [per_video, table_file], seconds,
-                               overall)
+        run_id = log_to_mlflow(args, config, evaluator, columns, table_rows, [per_video, table_file], seconds, overall)
         print(f"score: logged to MLflow run {run_id} (experiment {args.mlflow_experiment})")
     return 0 if seconds else 1

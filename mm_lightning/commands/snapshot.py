@@ -27,10 +27,12 @@ def add_arguments(parser):
     parser.set_defaults(profile="cogvideox-5b")
     parser.add_argument("--out", required=True, help="folder to write the snapshot into")
     parser.add_argument("--device", default="cpu", help="where the random init runs (cuda: ~10x faster at 5B)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="dtype of the saved weights")
-    parser.add_argument("--samples", type=int, default=0,
-                        help="also write a synthetic latent cache of N samples per stage")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of the saved weights"
+    )
+    parser.add_argument(
+        "--samples", type=int, default=0, help="also write a synthetic latent cache of N samples per stage"
+    )
 
 
 def run(args) -> int:
@@ -58,7 +60,9 @@ def snapshot_overrides(out: Path) -> list[str]:
     """The config a snapshot is used with: its weight folders, its synthetic data, no detector-based eval."""
     names = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     return [f"weights.{name}={out / name}" for name in names] + [
-        f"weights.image_encoder={out / 'clip-vision'}", f"data.root={out / 'data'}"]
+        f"weights.image_encoder={out / 'clip-vision'}",
+        f"data.root={out / 'data'}",
+    ]
 
 
 def snapshot_config(experiment: str, profile: str, out: Path, overrides=()):
@@ -81,13 +85,17 @@ def write_arcface_onnx(path: Path) -> None:
         w = rng.normal(0, (2 / (9 * cin)) ** 0.5, (cout, cin, 3, 3)).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         conv = helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-        nodes += [conv,
-                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        nodes += [conv, helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
         x, cin = f"r{i}", cout
-    inits += [numpy_helper.from_array(rng.normal(0, 0.03, (512, cin)).astype(np.float32), "fc"),
-              numpy_helper.from_array(np.zeros(512, np.float32), "fc_b")]
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["pool"]), helper.make_node("Flatten", ["pool"], ["flat"]),
-              helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["683"], transB=1)]
+    inits += [
+        numpy_helper.from_array(rng.normal(0, 0.03, (512, cin)).astype(np.float32), "fc"),
+        numpy_helper.from_array(np.zeros(512, np.float32), "fc_b"),
+    ]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["683"], transB=1),
+    ]
     inputs = [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [None, 3, 112, 112])]
     outputs = [helper.make_tensor_value_info("683", TensorProto.FLOAT, [None, 512])]
     graph = helper.make_graph(nodes, "arcface_shaped", inputs, outputs, inits)
@@ -126,19 +134,24 @@ def write_synthetic_cache(cfg, stage: str, samples: int) -> Path:
     landmarks = torch.tensor([[0.43, 0.35], [0.57, 0.35], [0.5, 0.43], [0.45, 0.52], [0.55, 0.52]])
     landmarks = landmarks * torch.tensor([float(s.width), float(s.height)])
     mask = torch.zeros(s.frames, 1, s.height, s.width)
-    mask[..., int(0.2 * s.height): int(0.6 * s.height), int(0.35 * s.width): int(0.65 * s.width)] = 1
+    mask[..., int(0.2 * s.height) : int(0.6 * s.height), int(0.35 * s.width) : int(0.65 * s.width)] = 1
     for i in range(samples):
-        save_file({
-            "latents": torch.randn(latent_frames, t.in_channels, s.height // scale, s.width // scale,
-                                   generator=generator).to(dtype),
-            "prompt_embeds": torch.randn(t.max_text_seq_length, t.text_embed_dim,
-                                         generator=generator).mul(0.1).to(dtype),
-            "ref_pixels": torch.rand(3, clip_size, clip_size, generator=generator),
-            "id_embedding": torch.nn.functional.normalize(torch.randn(id_dim, generator=generator), dim=0),
-            "face_mask": mask,
-            "face_boxes": box.expand(s.frames, 4).contiguous(),
-            "face_landmarks": landmarks.expand(s.frames, 5, 2).contiguous(),
-        }, folder / f"{i:06d}.safetensors")
+        save_file(
+            {
+                "latents": torch.randn(
+                    latent_frames, t.in_channels, s.height // scale, s.width // scale, generator=generator
+                ).to(dtype),
+                "prompt_embeds": torch.randn(t.max_text_seq_length, t.text_embed_dim, generator=generator)
+                .mul(0.1)
+                .to(dtype),
+                "ref_pixels": torch.rand(3, clip_size, clip_size, generator=generator),
+                "id_embedding": torch.nn.functional.normalize(torch.randn(id_dim, generator=generator), dim=0),
+                "face_mask": mask,
+                "face_boxes": box.expand(s.frames, 4).contiguous(),
+                "face_landmarks": landmarks.expand(s.frames, 5, 2).contiguous(),
+            },
+            folder / f"{i:06d}.safetensors",
+        )
     captions = ["a man walking in a park" if i % 2 else "a woman reading a book" for i in range(samples)]
     index = {"settings": cache_settings(cfg, stage), "captions": captions, "skipped": {}}
     (folder / "index.json").write_text(json.dumps(index, indent=2))

@@ -20,6 +20,9 @@ def run(args: argparse.Namespace) -> int:
     if not (args.run_dir / "run.json").exists():
         raise FileNotFoundError(f"{args.run_dir} is not a run folder (no run.json)")
     pushed = sync_run(args.run_dir, args.tracking_uri)
-    print(f"sync-run: pushed {pushed} tracking calls from {args.run_dir / BACKLOG_FILE}" if pushed
-          else f"sync-run: nothing to push in {args.run_dir}")
+    print(
+        f"sync-run: pushed {pushed} tracking calls from {args.run_dir / BACKLOG_FILE}"
+        if pushed
+        else f"sync-run: nothing to push in {args.run_dir}"
+    )
     return 0

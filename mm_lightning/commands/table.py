@@ -36,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: the CLI builds every command's parser, and these imports take seconds.
     from mlflow import MlflowClient
 
-    from evaluation import ablation_table
     from mm_lightning.ablation_matrix import load_matrix
     from mm_lightning.config import ConfigError
+    from mm_lightning.reports import ablation_table
     from mm_lightning.tracking import tracking_uri
 
     matrix = None

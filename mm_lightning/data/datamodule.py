@@ -1,4 +1,5 @@
 """LightningDataModule for one curriculum stage ("image" pairs or "video" clips)."""
+
 from pathlib import Path
 
 import lightning as L
@@ -19,11 +20,24 @@ class MagicMirrorDataModule(L.LightningDataModule):
     excluded, by reason (for logging), and `self.dataset` holds the usable ones.
     """
 
-    def __init__(self, root: str | None = None, cache_dir: str = ".cache/mm_lightning", kind: str = "image",
-                 frames: int = 1, height: int = 64, width: int = 64, batch_size: int = 2, num_workers: int = 0,
-                 clip_image_size: int = 224, face_backend: str = "dlib", insightface_root: str | None = None,
-                 insightface_model: str = "antelopev2", seed: int = 0, fps: float = 8.0,
-                 face_probe_frames: int = 16):
+    def __init__(
+        self,
+        root: str | None = None,
+        cache_dir: str = ".cache/mm_lightning",
+        kind: str = "image",
+        frames: int = 1,
+        height: int = 64,
+        width: int = 64,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        clip_image_size: int = 224,
+        face_backend: str = "dlib",
+        insightface_root: str | None = None,
+        insightface_model: str = "antelopev2",
+        seed: int = 0,
+        fps: float = 8.0,
+        face_probe_frames: int = 16,
+    ):
         super().__init__()
         if kind not in ("image", "video"):
             raise ValueError(f'kind must be "image" or "video", got {kind!r}')
@@ -46,15 +60,20 @@ class MagicMirrorDataModule(L.LightningDataModule):
         backend = self.face_backend if self.face_backend == "dlib" else f"{self.face_backend}-{self.insightface_model}"
         cache = load_or_build_face_cache(root, rows, backend, self._analyzer, self.face_probe_frames)
         self.skipped = cache.skipped(rows, self.kind)
-        self.dataset = FaceDataset(root, rows, cache, self.kind, self.frames, self.height, self.width,
-                                   self.clip_image_size, self.fps)
+        self.dataset = FaceDataset(
+            root, rows, cache, self.kind, self.frames, self.height, self.width, self.clip_image_size, self.fps
+        )
         if len(self.dataset) == 0:
             raise RuntimeError(f"no usable {self.kind} rows in {root} (skipped: {self.skipped})")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=True,
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
             generator=torch.Generator().manual_seed(self.seed),  # same order for the same seed
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            collate_fn=collate, drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
+            drop_last=False,
         )

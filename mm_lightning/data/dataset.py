@@ -4,6 +4,7 @@ Face boxes and embeddings come from the face cache (faces_cache.py); loading nev
 detector. A sample whose files changed since the cache was built comes back as None and
 `collate` drops it, so one bad file never stops training.
 """
+
 import logging
 from pathlib import Path
 
@@ -13,7 +14,14 @@ from torch.utils.data import Dataset
 
 from mm_lightning.data.faces_cache import FaceCache
 from mm_lightning.data.formats import Row
-from mm_lightning.data.media import crop_boxes, crop_geometry, open_video, read_image, resize_center_crop, sample_frame_indices
+from mm_lightning.data.media import (
+    crop_boxes,
+    crop_geometry,
+    open_video,
+    read_image,
+    resize_center_crop,
+    sample_frame_indices,
+)
 from mm_lightning.faces import face_crop, face_mask
 
 log = logging.getLogger(__name__)
@@ -27,8 +35,18 @@ class FaceDataset(Dataset):
     center-cropped.
     """
 
-    def __init__(self, root: str | Path, rows: list[Row], cache: FaceCache, kind: str, frames: int,
-                 height: int, width: int, clip_image_size: int, fps: float = 8.0):
+    def __init__(
+        self,
+        root: str | Path,
+        rows: list[Row],
+        cache: FaceCache,
+        kind: str,
+        frames: int,
+        height: int,
+        width: int,
+        clip_image_size: int,
+        fps: float = 8.0,
+    ):
         self.root, self.cache, self.kind = Path(root), cache, kind
         self.frames = 1 if kind == "image" else frames
         self.height, self.width, self.clip_image_size, self.fps = height, width, clip_image_size, fps
@@ -59,7 +77,7 @@ class FaceDataset(Dataset):
             idx = sample_frame_indices(len(video), native_fps, self.frames, self.fps, torch.rand(()).item())
             keyframe = [row.keyframe] if self.cache.ref_index[i] < 0 else []
             decoded = video.get_batch(idx + keyframe).asnumpy()  # [F (+1), h, w, 3] uint8
-            frames, boxes, landmarks = decoded[:len(idx)], boxes[idx], landmarks[idx]
+            frames, boxes, landmarks = decoded[: len(idx)], boxes[idx], landmarks[idx]
             ref_image = decoded[-1] if keyframe else None
         if ref_image is None:
             ref_image = read_image(self.root / row.references[self.cache.ref_index[i]])

@@ -14,6 +14,7 @@ Identities of one class word share their captions (every woman's first image pai
 training has to read the reference face, and the identity-reliance probe can see whether it
 does (mm_lightning/reliance.py).
 """
+
 import importlib.util
 import json
 import os
@@ -55,12 +56,19 @@ def _identities() -> list[tuple[str, str, np.ndarray, tuple]]:
     import skimage.data
 
     insightface_images = Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data/images"
-    rgb = lambda path: np.asarray(Image.open(path).convert("RGB"))
+
+    def rgb(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("RGB"))
+
     t1 = rgb(insightface_images / "t1.jpg")
     return [
         ("astronaut", "a woman", skimage.data.astronaut(), (175, 76, 265, 166)),
-        ("grace_hopper", "an elderly woman",
-         rgb(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)), (180, 139, 366, 325)),
+        (
+            "grace_hopper",
+            "an elderly woman",
+            rgb(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)),
+            (180, 139, 366, 325),
+        ),
         ("tom_hanks", "a man", rgb(insightface_images / "Tom_Hanks_54745.png"), (6, 26, 96, 116)),
     ] + [(name, who, t1, box) for name, who, box in T1_FACES]
 
@@ -82,10 +90,18 @@ def _render(photo, box, face_px, dx, dy, angle, flip, gain, contrast, saturation
 
 
 def _augment(photo, box, rng: np.random.Generator) -> np.ndarray:
-    return _render(photo, box, face_px=rng.uniform(100, 140), dx=rng.uniform(-20, 20),
-                   dy=rng.uniform(-30, 0), angle=rng.uniform(-10, 10), flip=rng.random() < 0.5,
-                   gain=rng.uniform(0.85, 1.15), contrast=rng.uniform(0.85, 1.15),
-                   saturation=rng.uniform(0.8, 1.2))
+    return _render(
+        photo,
+        box,
+        face_px=rng.uniform(100, 140),
+        dx=rng.uniform(-20, 20),
+        dy=rng.uniform(-30, 0),
+        angle=rng.uniform(-10, 10),
+        flip=rng.random() < 0.5,
+        gain=rng.uniform(0.85, 1.15),
+        contrast=rng.uniform(0.85, 1.15),
+        saturation=rng.uniform(0.8, 1.2),
+    )
 
 
 def _clip(photo, box, rng: np.random.Generator) -> list[np.ndarray]:
@@ -114,9 +130,16 @@ def _write_mp4(path: Path, frames: list[np.ndarray]):
     path.parent.mkdir(parents=True, exist_ok=True)
     # One thread + bitexact flags: x264 output and container metadata are then byte-identical.
     writer = imageio_ffmpeg.write_frames(
-        str(path), (SIZE, SIZE), fps=CLIP_FPS, codec="libx264", pix_fmt_out="yuv420p", quality=None,
-        macro_block_size=16, ffmpeg_log_level="error",
-        output_params=["-crf", "18", "-threads", "1", "-fflags", "+bitexact", "-flags:v", "+bitexact"])
+        str(path),
+        (SIZE, SIZE),
+        fps=CLIP_FPS,
+        codec="libx264",
+        pix_fmt_out="yuv420p",
+        quality=None,
+        macro_block_size=16,
+        ffmpeg_log_level="error",
+        output_params=["-crf", "18", "-threads", "1", "-fflags", "+bitexact", "-flags:v", "+bitexact"],
+    )
     writer.send(None)  # start the ffmpeg process
     for frame in frames:
         writer.send(np.ascontiguousarray(frame))
@@ -133,17 +156,28 @@ def _generate(out: Path):
             refs = [f"references/{name}_{k}_{j}.jpg" for j in range(k + 1)]
             for ref in refs:
                 _write_jpg(out / ref, _augment(photo, box, rng))
-            rows.append({"kind": "image", "image": f"images/{name}_{k}.jpg", "references": refs,
-                         "caption": IMAGE_CAPTIONS[k].format(who=who),
-                         "identity": name})
+            rows.append(
+                {
+                    "kind": "image",
+                    "image": f"images/{name}_{k}.jpg",
+                    "references": refs,
+                    "caption": IMAGE_CAPTIONS[k].format(who=who),
+                    "identity": name,
+                }
+            )
     for c in range(len(identities) + 1):
         i = c % len(identities)
         name, who, photo, box = identities[i]
         rng = np.random.default_rng([SEED, i, 100 + c])
         video = f"videos/{name}_{c}.mp4"
         _write_mp4(out / video, _clip(photo, box, rng))
-        row = {"kind": "video", "video": video, "caption": VIDEO_CAPTIONS[c % len(VIDEO_CAPTIONS)].format(who=who),
-               "identity": name, "fps": CLIP_FPS}
+        row = {
+            "kind": "video",
+            "video": video,
+            "caption": VIDEO_CAPTIONS[c % len(VIDEO_CAPTIONS)].format(who=who),
+            "identity": name,
+            "fps": CLIP_FPS,
+        }
         if c % 2 == 0:  # reference = face crop of a keyframe: the first frame, or a later one
             row |= {"reference_rule": "keyframe"} | ({"keyframe": 2 * c} if c else {})
         else:

@@ -9,15 +9,16 @@ here. Rows that can't be used are kept with a reason and excluded by the dataset
 The cache is `<root>/.mm_faces_<backend>.npz`, keyed on the backend id (model included),
 the probing settings and the sha256 of metadata.jsonl: editing the metadata rebuilds it.
 """
+
+import hashlib
 import json
 import logging
-import hashlib
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -45,10 +46,10 @@ class FaceCache:
     landmarks: np.ndarray  # [T, 5, 2] float32, target 5-point landmarks per stored frame, stored-frame pixels
 
     def target_boxes(self, i: int) -> np.ndarray:  # [n_frames, 4]
-        return self.boxes[self.box_offset[i]:self.box_offset[i + 1]]
+        return self.boxes[self.box_offset[i] : self.box_offset[i + 1]]
 
     def target_landmarks(self, i: int) -> np.ndarray:  # [n_frames, 5, 2]
-        return self.landmarks[self.box_offset[i]:self.box_offset[i + 1]]
+        return self.landmarks[self.box_offset[i] : self.box_offset[i + 1]]
 
     def reference_face(self, i: int) -> Face:
         # The detection score is not cached: rows here already passed detection.
@@ -63,9 +64,9 @@ def _image(path: Path) -> np.ndarray:
     try:
         return read_image(path)
     except FileNotFoundError:
-        raise Skip("missing_file")
+        raise Skip("missing_file") from None
     except Exception:  # PIL raises OSError, SyntaxError, ValueError... on corrupt files
-        raise Skip("unreadable_image")
+        raise Skip("unreadable_image") from None
 
 
 def _largest(analyzer: FaceAnalyzer, image: np.ndarray) -> Face:
@@ -75,8 +76,9 @@ def _largest(analyzer: FaceAnalyzer, image: np.ndarray) -> Face:
     return face
 
 
-def _video_faces(row: Row, root: Path, analyzer: FaceAnalyzer, probe_frames: int,
-                 min_face_fraction: float) -> tuple[np.ndarray, np.ndarray, Face | None]:
+def _video_faces(
+    row: Row, root: Path, analyzer: FaceAnalyzer, probe_frames: int, min_face_fraction: float
+) -> tuple[np.ndarray, np.ndarray, Face | None]:
     """-> (target box [n, 4] and landmarks [n, 5, 2] per frame, keyframe face when the row's reference
     is a keyframe)."""
     path = root / row.media
@@ -86,7 +88,7 @@ def _video_faces(row: Row, root: Path, analyzer: FaceAnalyzer, probe_frames: int
         video = open_video(path)
         n = len(video)
     except Exception:
-        raise Skip("corrupt_video")
+        raise Skip("corrupt_video") from None
     if not row.references and row.keyframe >= n:
         raise Skip("keyframe_out_of_range")
     probe = set(np.linspace(0, n - 1, min(n, probe_frames)).round().astype(int).tolist())
@@ -94,7 +96,7 @@ def _video_faces(row: Row, root: Path, analyzer: FaceAnalyzer, probe_frames: int
     try:  # decoding up to the last frame is also what exposes truncated files
         frames = video.get_batch(probe).asnumpy()  # [p, h, w, 3] uint8
     except Exception:
-        raise Skip("corrupt_video")
+        raise Skip("corrupt_video") from None
     faces = {i: analyzer.largest_face(f) for i, f in zip(probe, frames)}
     found = [i for i in probe if faces[i] is not None]
     if not found or len(found) < min_face_fraction * len(probe):
@@ -126,8 +128,9 @@ def _prepare_row(row: Row, root: Path, analyzer: FaceAnalyzer, probe_frames: int
     return boxes, landmarks, [f for _, f in refs], refs[0][0]
 
 
-def build_face_cache(rows: list[Row], root: Path, analyzer: FaceAnalyzer, probe_frames: int = 16,
-                     min_face_fraction: float = 0.5) -> FaceCache:
+def build_face_cache(
+    rows: list[Row], root: Path, analyzer: FaceAnalyzer, probe_frames: int = 16, min_face_fraction: float = 0.5
+) -> FaceCache:
     """Run the analyzer over every row. A bad row is recorded with its reason, never raised.
 
     Videos are probed on `probe_frames` frames spread over the clip and boxes are linearly
@@ -157,16 +160,24 @@ def build_face_cache(rows: list[Row], root: Path, analyzer: FaceAnalyzer, probe_
             log.info("face cache: %d/%d rows", i + 1, n)
     return FaceCache(
         reason=reason.astype(str),
-        embedding=embedding, ref_index=ref_index, ref_box=ref_box, ref_landmarks=ref_landmarks,
+        embedding=embedding,
+        ref_index=ref_index,
+        ref_box=ref_box,
+        ref_landmarks=ref_landmarks,
         box_offset=np.cumsum([0] + [len(b) for b in boxes]).astype(np.int64),
         boxes=np.concatenate(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32),
         landmarks=np.concatenate(landmarks).astype(np.float32) if landmarks else np.zeros((0, 5, 2), np.float32),
     )
 
 
-def load_or_build_face_cache(root: str | Path, rows: list[Row], backend: str,
-                             make_analyzer: Callable[[], FaceAnalyzer], probe_frames: int = 16,
-                             min_face_fraction: float = 0.5) -> FaceCache:
+def load_or_build_face_cache(
+    root: str | Path,
+    rows: list[Row],
+    backend: str,
+    make_analyzer: Callable[[], FaceAnalyzer],
+    probe_frames: int = 16,
+    min_face_fraction: float = 0.5,
+) -> FaceCache:
     """The cache of `root` for `backend`, an id naming the models (e.g. "dlib", "insightface-antelopev2").
 
     `make_analyzer` is only called when the cache is missing or stale, so a fresh cache
@@ -175,9 +186,13 @@ def load_or_build_face_cache(root: str | Path, rows: list[Row], backend: str,
     """
     root = Path(root)
     path = root / f".mm_faces_{backend}.npz"
-    key = {"version": VERSION, "backend": backend, "probe_frames": probe_frames,
-           "min_face_fraction": min_face_fraction,
-           "metadata_sha256": hashlib.sha256((root / METADATA).read_bytes()).hexdigest()}
+    key = {
+        "version": VERSION,
+        "backend": backend,
+        "probe_frames": probe_frames,
+        "min_face_fraction": min_face_fraction,
+        "metadata_sha256": hashlib.sha256((root / METADATA).read_bytes()).hexdigest(),
+    }
     try:
         with np.load(path, allow_pickle=False) as z:
             if json.loads(str(z["key"])) == key:

@@ -28,6 +28,7 @@ A malformed line raises ValueError naming the file and the line number. Rows tha
 but whose files turn out bad (unreadable, corrupt, no face) are not errors: the face
 cache pass (faces_cache.py) skips and counts them.
 """
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +66,7 @@ def _parse(obj, line: int) -> Row:
         raise ValueError('"reference_rule" is only for video rows')
     if (refs is None) == (rule is None):
         raise ValueError('give exactly one of "references" or "reference_rule"')
-    if refs is not None and (not isinstance(refs, list) or not refs
-                             or not all(isinstance(r, str) and r for r in refs)):
+    if refs is not None and (not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r for r in refs)):
         raise ValueError('"references" must be a non-empty list of paths')
     if rule is not None and rule != "keyframe":
         raise ValueError(f'unknown "reference_rule" {rule!r} (only "keyframe")')
@@ -79,8 +79,7 @@ def _parse(obj, line: int) -> Row:
     identity = obj.get("identity")
     if identity is not None and not isinstance(identity, str):
         raise ValueError('"identity" must be a string')
-    return Row(line, kind, media, caption, tuple(refs or ()), keyframe,
-               None if fps is None else float(fps), identity)
+    return Row(line, kind, media, caption, tuple(refs or ()), keyframe, None if fps is None else float(fps), identity)
 
 
 def read_metadata(root: str | Path) -> list[Row]:

@@ -55,8 +55,13 @@ def cache_settings(cfg: DictConfig, stage: str) -> dict:
         "text_encoder": _file_digest(Path(w.text_encoder)),
         "tokenizer": _file_digest(Path(w.tokenizer)),
         "image_encoder": _file_digest(Path(w.image_encoder)),
-        "data": s.data, "frames": s.frames, "height": s.height, "width": s.width, "fps": cfg.data.fps,
-        "face_backend": cfg.faces.backend, "insightface_model": cfg.faces.insightface_model,
+        "data": s.data,
+        "frames": s.frames,
+        "height": s.height,
+        "width": s.width,
+        "fps": cfg.data.fps,
+        "face_backend": cfg.faces.backend,
+        "insightface_model": cfg.faces.insightface_model,
         "metadata": _file_digest(dataset_root(cfg) / "metadata.jsonl"),
     }
 
@@ -116,9 +121,15 @@ class CachedDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
+        )
 
 
 def open_cache(cfg: DictConfig, stage: str) -> CachedDataModule | None:

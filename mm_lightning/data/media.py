@@ -1,4 +1,5 @@
 """Image/video decoding, frame sampling and the resize + center-crop geometry."""
+
 from pathlib import Path
 
 import cv2
@@ -7,11 +8,30 @@ import numpy as np
 from PIL import Image, ImageOps
 
 
+class MediaReadError(OSError):
+    """A video or image that cannot be decoded or is empty; the message names the file."""
+
+
+class MediaNotFoundError(MediaReadError, FileNotFoundError):
+    """A video or image that does not exist."""
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """[h, w, 3] uint8 RGB. Raises on missing, corrupt or truncated files."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
-        return np.asarray(im.convert("RGB"))
+    """[h, w, 3] uint8 RGB from any PIL mode: EXIF rotation applied (phone photos store it there), grey, RGBA
+    and CMYK converted, 16-bit grey scaled down. The one image reader of data, evaluation, score and generate.
+    Raises MediaNotFoundError / MediaReadError on missing, corrupt or truncated files."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: convert("RGB") would clip at 255
+                grey = (np.asarray(im).astype(np.float32) / 257).clip(0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt or truncated files
+        raise MediaReadError(f"cannot decode image {path}: {err}") from err
 
 
 def open_video(path: str | Path) -> decord.VideoReader:
@@ -19,8 +39,7 @@ def open_video(path: str | Path) -> decord.VideoReader:
     return decord.VideoReader(str(path), num_threads=1)
 
 
-def sample_frame_indices(num_frames: int, native_fps: float, frames: int, target_fps: float,
-                         start: float) -> list[int]:
+def sample_frame_indices(num_frames: int, native_fps: float, frames: int, target_fps: float, start: float) -> list[int]:
     """`frames` indices at ~target_fps; `start` in [0, 1) picks where the window begins.
 
     Clips too short for that (or whose fps is unknown) fall back to a uniform stride over
@@ -51,7 +70,7 @@ def resize_center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray
     scale, left, top = crop_geometry(h, w, height, width)
     size = (max(width, round(w * scale)), max(height, round(h * scale)))
     resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    return resized[top:top + height, left:left + width]
+    return resized[top : top + height, left : left + width]
 
 
 def crop_boxes(boxes: np.ndarray, h: int, w: int, height: int, width: int) -> np.ndarray:

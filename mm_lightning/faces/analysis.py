@@ -61,7 +61,9 @@ class FaceAnalyzer(ABC):
     def require_face(self, image: np.ndarray, what: str) -> Face:
         face = self.largest_face(image)
         if face is None:
-            raise NoFaceError(f"no face detected in {what} ({self.name} backend, image {image.shape[1]}x{image.shape[0]})")
+            raise NoFaceError(
+                f"no face detected in {what} ({self.name} backend, image {image.shape[1]}x{image.shape[0]})"
+            )
         return face
 
 
@@ -198,7 +200,7 @@ def build_face_analyzer(
     raise ValueError(f"unknown face backend {backend!r}; choose one of {BACKENDS}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_analyzer(backend, root, model_name, det_size) -> FaceAnalyzer:
     if backend == "dlib":
         return DlibFaceAnalyzer()

@@ -58,7 +58,7 @@ class DifferentiableArcFace(torch.nn.Module):
         self.eval()
 
     @classmethod
-    def from_onnx(cls, path) -> "DifferentiableArcFace":
+    def from_onnx(cls, path) -> DifferentiableArcFace:
         from insightface.model_zoo import ArcFaceONNX, get_model
 
         # insightface's own router decides that this is a recognition model and its mean/std.
@@ -68,11 +68,11 @@ class DifferentiableArcFace(torch.nn.Module):
         return cls(_import_onnx2torch().convert(str(path)), recogniser.input_mean, recogniser.input_std)
 
     @classmethod
-    def from_insightface_root(cls, root, model_name: str = "antelopev2") -> "DifferentiableArcFace":
+    def from_insightface_root(cls, root, model_name: str = "antelopev2") -> DifferentiableArcFace:
         # The same file FaceAnalysis picks as the pack's recognition model.
         return cls.from_onnx(build_face_analyzer("insightface", root, model_name).recognition_model_file)
 
-    def train(self, mode: bool = True) -> "DifferentiableArcFace":
+    def train(self, mode: bool = True) -> DifferentiableArcFace:
         # Always eval: a parent module's .train() must not switch BatchNorm to batch statistics.
         return super().train(False)
 

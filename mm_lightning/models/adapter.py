@@ -116,7 +116,9 @@ class MagicMirrorBlock(nn.Module):
             self.norm_k_face = nn.LayerNorm(dim // heads, eps=1e-6)
 
         # phi_face(t): shift, scale, gate for the attention and the feed-forward of the face stream.
-        self.face_modulation = nn.Sequential(nn.SiLU(), _zero_linear(time_embed_dim, 6 * dim)) if use_face_modality else None
+        self.face_modulation = (
+            nn.Sequential(nn.SiLU(), _zero_linear(time_embed_dim, 6 * dim)) if use_face_modality else None
+        )
         # g_h: text/video queries read the face stream's keys inside the joint softmax, weighted by g_h >= 0.
         self.face_key_gate = None
         if use_face_modality and face_attention == "joint":
@@ -204,7 +206,9 @@ class MagicMirrorBlock(nn.Module):
         norm_text = norm(encoder_hidden_states) * (1 + enc_scale) + enc_shift
         norm_face = None
         if use_stream:
-            f_shift, f_scale, f_gate, f_ff_shift, f_ff_scale, f_ff_gate = self.face_modulation(temb).unsqueeze(1).chunk(6, dim=-1)
+            f_shift, f_scale, f_gate, f_ff_shift, f_ff_scale, f_ff_gate = (
+                self.face_modulation(temb).unsqueeze(1).chunk(6, dim=-1)
+            )
             norm_face = norm(face_tokens) * (1 + f_scale) + f_shift
 
         keep_face = None if keep is None else keep[:, 0].to(norm_video.dtype).view(-1, 1, 1, 1)

@@ -107,7 +107,12 @@ class DualBranchFaceEncoder(nn.Module):
         self.id_perceiver = self.fusion = None
         if "identity" in branches:
             self.id_perceiver = PhotoMakerIDPerceiver(
-                id_embed_dim, clip_dim, id_encoder_dim, num_id_tokens, id_encoder_depth, id_encoder_head_dim,
+                id_embed_dim,
+                clip_dim,
+                id_encoder_dim,
+                num_id_tokens,
+                id_encoder_depth,
+                id_encoder_head_dim,
                 output_dim=perceiver_dim,
             )
             self.fusion = FusionMLP(text_dim, num_id_tokens * perceiver_dim, hidden_dim=max(text_dim, perceiver_dim))
@@ -118,7 +123,9 @@ class DualBranchFaceEncoder(nn.Module):
         self.face_queries = self.face_perceiver = self.face_proj = None
         if "structural" in branches:
             self.face_queries = nn.Parameter(torch.randn(1, num_face_tokens, perceiver_dim) * perceiver_dim**-0.5)
-            self.face_perceiver = PerceiverResampler(clip_dim, perceiver_dim, perceiver_dim, perceiver_depth, perceiver_heads)
+            self.face_perceiver = PerceiverResampler(
+                clip_dim, perceiver_dim, perceiver_dim, perceiver_depth, perceiver_heads
+            )
             self.face_proj = nn.Sequential(nn.Linear(perceiver_dim, inner_dim), nn.LayerNorm(inner_dim))
 
     @torch.no_grad()
@@ -139,7 +146,9 @@ class DualBranchFaceEncoder(nn.Module):
         unfold = lambda t: t.unflatten(0, (batch, refs)).flatten(1, 2)  # noqa: E731
         return unfold(last), unfold(penultimate)
 
-    def forward(self, ref_pixels: torch.Tensor, id_embeds: torch.Tensor, identity_mask: torch.Tensor) -> FaceConditioning:
+    def forward(
+        self, ref_pixels: torch.Tensor, id_embeds: torch.Tensor, identity_mask: torch.Tensor
+    ) -> FaceConditioning:
         # ref_pixels: [B, (R,) 3, S, S]; id_embeds: [B, id_embed_dim]; identity_mask: [B, L]
         last, penultimate = self.clip_features(ref_pixels)
         x_id = x_face = None
@@ -148,10 +157,14 @@ class DualBranchFaceEncoder(nn.Module):
             x_id = self.id_perceiver(id_embeds.to(dtype), last.to(dtype))  # [B, num_id_tokens, P]
         if self.face_perceiver is not None:
             queries = self.face_queries.expand(penultimate.shape[0], -1, -1)
-            x_face = self.face_proj(self.face_perceiver(queries, penultimate.to(queries.dtype)))  # [B, num_face_tokens, D]
+            x_face = self.face_proj(
+                self.face_perceiver(queries, penultimate.to(queries.dtype))
+            )  # [B, num_face_tokens, D]
         return FaceConditioning(x_id, x_face, identity_mask)
 
-    def fuse_text(self, prompt_embeds: torch.Tensor, x_id: torch.Tensor | None, identity_mask: torch.Tensor) -> torch.Tensor:
+    def fuse_text(
+        self, prompt_embeds: torch.Tensor, x_id: torch.Tensor | None, identity_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Writes x_id into prompt_embeds [B, L, Dt] at identity_mask [B, L]; identity when the branch is off."""
         if self.fusion is None or x_id is None:
             return prompt_embeds

@@ -16,22 +16,42 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 from .face_encoder import CLIP_MEAN, CLIP_STD, DualBranchFaceEncoder
-from .photomaker_id_encoder import load_photomaker_v2
 from .magicmirror import MagicMirrorTransformer
+from .photomaker_id_encoder import load_photomaker_v2
 
 ID_EMBED_DIMS = {"dlib": 128, "insightface": 512}
 
 # component -> (files the folder must hold, where the folder comes from)
 WEIGHT_SOURCES = {
-    "transformer": ("config.json + diffusion_pytorch_model*.safetensors", "the transformer/ folder of a diffusers CogVideoX snapshot (e.g. THUDM/CogVideoX-5b)"),
+    "transformer": (
+        "config.json + diffusion_pytorch_model*.safetensors",
+        "the transformer/ folder of a diffusers CogVideoX snapshot (e.g. THUDM/CogVideoX-5b)",
+    ),
     "vae": ("config.json + diffusion_pytorch_model*.safetensors", "the vae/ folder of the same CogVideoX snapshot"),
-    "text_encoder": ("config.json + model*.safetensors", "the text_encoder/ folder (T5 v1.1 XXL encoder) of the same snapshot"),
-    "tokenizer": ("tokenizer_config.json + spiece.model or tokenizer.json", "the tokenizer/ folder of the same snapshot"),
+    "text_encoder": (
+        "config.json + model*.safetensors",
+        "the text_encoder/ folder (T5 v1.1 XXL encoder) of the same snapshot",
+    ),
+    "tokenizer": (
+        "tokenizer_config.json + spiece.model or tokenizer.json",
+        "the tokenizer/ folder of the same snapshot",
+    ),
     "scheduler": ("scheduler_config.json", "the scheduler/ folder of the same snapshot"),
-    "image_encoder": ("config.json + model.safetensors + preprocessor_config.json", "a CLIP ViT-L/14 vision model (e.g. openai/clip-vit-large-patch14, or PhotoMaker-V2's image encoder)"),
+    "image_encoder": (
+        "config.json + model.safetensors + preprocessor_config.json",
+        "a CLIP ViT-L/14 vision model (e.g. openai/clip-vit-large-patch14, or PhotoMaker-V2's image encoder)",
+    ),
 }
 CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
 
@@ -62,8 +82,9 @@ def check_weight_paths(weights: DictConfig) -> None:
         )
 
 
-def write_random_weights(cfg: DictConfig, device: str | torch.device = "cpu",
-                         dtype: torch.dtype = torch.float32) -> None:
+def write_random_weights(
+    cfg: DictConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> None:
     """Save random-init models (fixed seed) of cfg.architecture where cfg.weights expects them.
 
     The tiny profile calls it on first use; `snapshot` calls it for a full-size random
@@ -84,7 +105,9 @@ def write_random_weights(cfg: DictConfig, device: str | torch.device = "cpu",
         torch.manual_seed(0)
         tokenizer = _tiny_tokenizer()
         t5_config = T5Config(**_plain(arch.text_encoder))
-        assert len(tokenizer) <= t5_config.vocab_size, "architecture.text_encoder.vocab_size is smaller than the tokenizer"
+        assert len(tokenizer) <= t5_config.vocab_size, (
+            "architecture.text_encoder.vocab_size is smaller than the tokenizer"
+        )
         builders = {  # built one at a time: at 5B scale they don't all need to be in memory at once
             "transformer": lambda: CogVideoXTransformer3DModel.from_config(_plain(arch.transformer)),
             "vae": lambda: AutoencoderKLCogVideoX.from_config(_plain(arch.vae)),
@@ -104,7 +127,9 @@ def write_random_weights(cfg: DictConfig, device: str | torch.device = "cpu",
             del model
             if name == "image_encoder":
                 size = arch.image_encoder.image_size
-                CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tmp)
+                CLIPImageProcessorPil(
+                    size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+                ).save_pretrained(tmp)
             shutil.rmtree(targets[name], ignore_errors=True)
             tmp.rename(targets[name])
 
@@ -142,8 +167,9 @@ def frozen_dtype(cfg: DictConfig) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def load_components(cfg: DictConfig, torch_dtype: torch.dtype | None = None, text_encoder: bool = True,
-                    vae: bool = True) -> Components:
+def load_components(
+    cfg: DictConfig, torch_dtype: torch.dtype | None = None, text_encoder: bool = True, vae: bool = True
+) -> Components:
     """Tokenizer, T5, VAE, scheduler and the adapted transformer (backbone + CLIP) from cfg.weights.
 
     Frozen modules (backbone, CLIP, T5, VAE) load in `torch_dtype` (default: `frozen_dtype(cfg)`);
@@ -164,8 +190,9 @@ def load_components(cfg: DictConfig, torch_dtype: torch.dtype | None = None, tex
     apply_dtype_policy(transformer, dtype)
     return Components(
         tokenizer=AutoTokenizer.from_pretrained(w.tokenizer, local_files_only=True),
-        text_encoder=(T5EncoderModel.from_pretrained(w.text_encoder, **local).requires_grad_(False)
-                      if text_encoder else None),
+        text_encoder=(
+            T5EncoderModel.from_pretrained(w.text_encoder, **local).requires_grad_(False) if text_encoder else None
+        ),
         vae=AutoencoderKLCogVideoX.from_pretrained(w.vae, **local).requires_grad_(False) if vae else None,
         scheduler=CogVideoXDPMScheduler.from_pretrained(w.scheduler, local_files_only=True),
         transformer=transformer,
@@ -195,8 +222,9 @@ def _clip_normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD))
 
 
-def build_magicmirror(cfg: DictConfig, base: CogVideoXTransformer3DModel, clip: CLIPVisionModel,
-                      clip_mean=CLIP_MEAN, clip_std=CLIP_STD) -> MagicMirrorTransformer:
+def build_magicmirror(
+    cfg: DictConfig, base: CogVideoXTransformer3DModel, clip: CLIPVisionModel, clip_mean=CLIP_MEAN, clip_std=CLIP_STD
+) -> MagicMirrorTransformer:
     """Wraps a loaded (or freshly built) backbone and CLIP with the variant's MagicMirror modules."""
     m = cfg.model
     inner_dim = base.config.num_attention_heads * base.config.attention_head_dim

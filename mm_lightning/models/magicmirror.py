@@ -68,7 +68,9 @@ class MagicMirrorTransformer(nn.Module):
     def cache_context(self, name: str):
         return self.base.cache_context(name)  # CogVideoXPipeline wraps each call in it
 
-    def encode_face(self, ref_pixels: torch.Tensor, id_embeds: torch.Tensor, identity_mask: torch.Tensor) -> FaceConditioning:
+    def encode_face(
+        self, ref_pixels: torch.Tensor, id_embeds: torch.Tensor, identity_mask: torch.Tensor
+    ) -> FaceConditioning:
         return self.face_encoder(ref_pixels, id_embeds, identity_mask)
 
     def _run(self, fn, *args):
@@ -90,7 +92,9 @@ class MagicMirrorTransformer(nn.Module):
     ):
         face = face if face is not None else (attention_kwargs or {}).get("face")
         if face is None:
-            raise ValueError("MagicMirrorTransformer needs face conditioning (face=... or attention_kwargs={'face': ...})")
+            raise ValueError(
+                "MagicMirrorTransformer needs face conditioning (face=... or attention_kwargs={'face': ...})"
+            )
         base = self.base
         batch_size, num_frames, _, height, width = hidden_states.shape
 
@@ -130,7 +134,9 @@ class MagicMirrorTransformer(nn.Module):
             output = hidden_states.reshape(batch_size, num_frames, height // p, width // p, -1, p, p)
             output = output.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
         else:
-            output = hidden_states.reshape(batch_size, (num_frames + p_t - 1) // p_t, height // p, width // p, -1, p_t, p, p)
+            output = hidden_states.reshape(
+                batch_size, (num_frames + p_t - 1) // p_t, height // p, width // p, -1, p_t, p, p
+            )
             output = output.permute(0, 1, 5, 4, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(1, 2)
         return (output,)
 

@@ -33,8 +33,9 @@ CLIP_PREFIX = "vision_model."
 class PhotoMakerIDPerceiver(nn.Module):
     """id_embeds [B, id_embed_dim] + CLIP features [B, N, clip_dim] -> x_id [B, num_tokens, output_dim]."""
 
-    def __init__(self, id_embed_dim: int, clip_dim: int, dim: int, num_tokens: int, depth: int, head_dim: int,
-                 output_dim: int):
+    def __init__(
+        self, id_embed_dim: int, clip_dim: int, dim: int, num_tokens: int, depth: int, head_dim: int, output_dim: int
+    ):
         super().__init__()
         self.num_tokens, self.dim = num_tokens, dim
         self.token_proj = nn.Sequential(
@@ -62,7 +63,7 @@ def read_photomaker_v2(path: str | Path) -> dict[str, torch.Tensor]:
         )
     if path.suffix == ".safetensors":
         flat = load_file(str(path))
-        return {k[len("id_encoder."):]: v for k, v in flat.items() if k.startswith("id_encoder.")}
+        return {k[len("id_encoder.") :]: v for k, v in flat.items() if k.startswith("id_encoder.")}
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "id_encoder" not in checkpoint:
         raise ValueError(f"{path} is not a PhotoMaker checkpoint: no 'id_encoder' (keys: {list(checkpoint)[:5]})")
@@ -71,7 +72,7 @@ def read_photomaker_v2(path: str | Path) -> dict[str, torch.Tensor]:
 
 def split_photomaker_v2(id_encoder: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """PhotoMakerV2's id_encoder state dict -> (PhotoMakerIDPerceiver keys, CLIPVisionModel keys)."""
-    perceiver = {k[len(PERCEIVER_PREFIX):]: v for k, v in id_encoder.items() if k.startswith(PERCEIVER_PREFIX)}
+    perceiver = {k[len(PERCEIVER_PREFIX) :]: v for k, v in id_encoder.items() if k.startswith(PERCEIVER_PREFIX)}
     clip = {k: v for k, v in id_encoder.items() if k.startswith(CLIP_PREFIX)}
     if not perceiver:
         raise ValueError("the PhotoMaker checkpoint has no qformer_perceiver.* weights: it is PhotoMaker V1, not V2")
@@ -91,7 +92,7 @@ def load_photomaker_v2(id_perceiver: PhotoMakerIDPerceiver, clip: nn.Module, pat
     if clip_weights:
         clip_keys = clip.state_dict().keys()
         if not any(k.startswith(CLIP_PREFIX) for k in clip_keys):  # transformers 5 dropped CLIPVisionModel.vision_model
-            clip_weights = {k[len(CLIP_PREFIX):]: v for k, v in clip_weights.items()}
+            clip_weights = {k[len(CLIP_PREFIX) :]: v for k, v in clip_weights.items()}
         if set(clip_keys) - set(clip_weights):
             raise ValueError(f"{path}: PhotoMakerV2's CLIP does not fit weights.image_encoder's (a ViT-L/14 is needed)")
         clip.load_state_dict({k: clip_weights[k] for k in clip_keys})

@@ -1,4 +1,5 @@
 """Fixtures for the data tests: one demo dataset per session and small hand-made datasets."""
+
 import json
 import shutil
 from pathlib import Path

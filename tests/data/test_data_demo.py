@@ -11,8 +11,11 @@ from mm_lightning.faces import build_face_analyzer
 
 
 def _hashes(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_demo_is_deterministic_and_complete(tmp_path, demo_root):
@@ -45,8 +48,9 @@ def test_dlib_finds_a_face_in_every_demo_target(demo_root):
 
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_demo_datamodule_keeps_every_row(demo_root, kind):
-    dm = MagicMirrorDataModule(cache_dir=demo_root.parent, kind=kind, frames=4, height=32, width=48,
-                               clip_image_size=32, face_probe_frames=4)
+    dm = MagicMirrorDataModule(
+        cache_dir=demo_root.parent, kind=kind, frames=4, height=32, width=48, clip_image_size=32, face_probe_frames=4
+    )
     dm.setup()
     assert dm.skipped == {}
     assert len(dm.dataset) == (18 if kind == "image" else 10)

@@ -13,14 +13,34 @@ def _write(tmp_path, lines):
 
 
 def test_parses_both_row_kinds(tmp_path):
-    rows = read_metadata(_write(tmp_path, [
-        json.dumps({"kind": "image", "image": "x.jpg", "references": ["r1.jpg", "r2.jpg"],
-                    "caption": "a man reading", "identity": "id_007"}),
-        "",  # blank lines are allowed
-        json.dumps({"kind": "video", "video": "c.mp4", "caption": "a woman", "references": ["r.jpg"]}),
-        json.dumps({"kind": "video", "video": "d.mp4", "caption": "a person", "reference_rule": "keyframe",
-                    "keyframe": 12, "fps": 24}),
-    ]))
+    rows = read_metadata(
+        _write(
+            tmp_path,
+            [
+                json.dumps(
+                    {
+                        "kind": "image",
+                        "image": "x.jpg",
+                        "references": ["r1.jpg", "r2.jpg"],
+                        "caption": "a man reading",
+                        "identity": "id_007",
+                    }
+                ),
+                "",  # blank lines are allowed
+                json.dumps({"kind": "video", "video": "c.mp4", "caption": "a woman", "references": ["r.jpg"]}),
+                json.dumps(
+                    {
+                        "kind": "video",
+                        "video": "d.mp4",
+                        "caption": "a person",
+                        "reference_rule": "keyframe",
+                        "keyframe": 12,
+                        "fps": 24,
+                    }
+                ),
+            ],
+        )
+    )
     assert rows == [
         Row(1, "image", "x.jpg", "a man reading", ("r1.jpg", "r2.jpg"), identity="id_007"),
         Row(3, "video", "c.mp4", "a woman", ("r.jpg",)),
@@ -28,20 +48,23 @@ def test_parses_both_row_kinds(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("bad", [
-    "{not json",
-    "[1, 2]",
-    '{"kind": "audio", "audio": "a.wav", "caption": "c", "references": ["r"]}',
-    '{"kind": "image", "caption": "c", "references": ["r"]}',
-    '{"kind": "image", "image": "x.jpg", "references": ["r"]}',
-    '{"kind": "image", "image": "x.jpg", "caption": "c"}',
-    '{"kind": "image", "image": "x.jpg", "caption": "c", "references": []}',
-    '{"kind": "image", "image": "x.jpg", "caption": "c", "reference_rule": "keyframe"}',
-    '{"kind": "video", "video": "v.mp4", "caption": "c", "references": ["r"], "reference_rule": "keyframe"}',
-    '{"kind": "video", "video": "v.mp4", "caption": "c", "reference_rule": "random"}',
-    '{"kind": "video", "video": "v.mp4", "caption": "c", "reference_rule": "keyframe", "keyframe": -1}',
-    '{"kind": "video", "video": "v.mp4", "caption": "c", "references": ["r"], "fps": 0}',
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"kind": "audio", "audio": "a.wav", "caption": "c", "references": ["r"]}',
+        '{"kind": "image", "caption": "c", "references": ["r"]}',
+        '{"kind": "image", "image": "x.jpg", "references": ["r"]}',
+        '{"kind": "image", "image": "x.jpg", "caption": "c"}',
+        '{"kind": "image", "image": "x.jpg", "caption": "c", "references": []}',
+        '{"kind": "image", "image": "x.jpg", "caption": "c", "reference_rule": "keyframe"}',
+        '{"kind": "video", "video": "v.mp4", "caption": "c", "references": ["r"], "reference_rule": "keyframe"}',
+        '{"kind": "video", "video": "v.mp4", "caption": "c", "reference_rule": "random"}',
+        '{"kind": "video", "video": "v.mp4", "caption": "c", "reference_rule": "keyframe", "keyframe": -1}',
+        '{"kind": "video", "video": "v.mp4", "caption": "c", "references": ["r"], "fps": 0}',
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, bad):
     good = json.dumps({"kind": "image", "image": "x.jpg", "references": ["r.jpg"], "caption": "a man"})
     _write(tmp_path, [good, good, bad])

@@ -12,14 +12,31 @@ from mm_lightning.data import MagicMirrorDataModule, collate
 from mm_lightning.faces import FaceAnalyzer
 
 GOOD = [
-    {"kind": "image", "image": "images/astronaut_1.jpg", "caption": "a woman smiling",
-     "references": ["references/astronaut_1_0.jpg", "references/astronaut_1_1.jpg"]},
-    {"kind": "image", "image": "images/t1_c_0.jpg", "caption": "a man reading",
-     "references": ["references/t1_c_0_0.jpg"]},
-    {"kind": "video", "video": "videos/astronaut_0.mp4", "caption": "a woman talking",
-     "reference_rule": "keyframe", "keyframe": 5},
-    {"kind": "video", "video": "videos/grace_hopper_1.mp4", "caption": "an elderly woman walking",
-     "references": ["references/grace_hopper_clip1.jpg"]},
+    {
+        "kind": "image",
+        "image": "images/astronaut_1.jpg",
+        "caption": "a woman smiling",
+        "references": ["references/astronaut_1_0.jpg", "references/astronaut_1_1.jpg"],
+    },
+    {
+        "kind": "image",
+        "image": "images/t1_c_0.jpg",
+        "caption": "a man reading",
+        "references": ["references/t1_c_0_0.jpg"],
+    },
+    {
+        "kind": "video",
+        "video": "videos/astronaut_0.mp4",
+        "caption": "a woman talking",
+        "reference_rule": "keyframe",
+        "keyframe": 5,
+    },
+    {
+        "kind": "video",
+        "video": "videos/grace_hopper_1.mp4",
+        "caption": "an elderly woman walking",
+        "references": ["references/grace_hopper_clip1.jpg"],
+    },
 ]
 BAD = [
     {"kind": "image", "image": "bad/camera.png", "caption": "a man", "references": ["references/t1_c_0_0.jpg"]},
@@ -29,14 +46,13 @@ BAD = [
     {"kind": "video", "video": "bad/random.mp4", "caption": "a man", "reference_rule": "keyframe"},
     {"kind": "video", "video": "bad/truncated.mp4", "caption": "a man", "reference_rule": "keyframe"},
     {"kind": "video", "video": "bad/truncated_faststart.mp4", "caption": "a man", "reference_rule": "keyframe"},
-    {"kind": "video", "video": "videos/t1_d_6.mp4", "caption": "a man", "reference_rule": "keyframe",
-     "keyframe": 500},
+    {"kind": "video", "video": "videos/t1_d_6.mp4", "caption": "a man", "reference_rule": "keyframe", "keyframe": 500},
 ]
 SIZES = dict(frames=5, height=40, width=56, clip_image_size=32, face_probe_frames=4)
 
 
 def _truncate(path, fraction):
-    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * fraction)])
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * fraction)])
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +69,21 @@ def messy_root(tmp_path_factory, demo_root, write_dataset):
     shutil.copy(demo_root / "videos/t1_a_3.mp4", bad / "truncated.mp4")  # index at the end: won't open
     _truncate(bad / "truncated.mp4", 0.6)
     # index at the front: opens and reports all frames, but the later ones can't be decoded
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(demo_root / "videos/t1_a_3.mp4"),
-                    "-c", "copy", "-movflags", "+faststart", str(bad / "truncated_faststart.mp4")], check=True)
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-i",
+            str(demo_root / "videos/t1_a_3.mp4"),
+            "-c",
+            "copy",
+            "-movflags",
+            "+faststart",
+            str(bad / "truncated_faststart.mp4"),
+        ],
+        check=True,
+    )
     _truncate(bad / "truncated_faststart.mp4", 0.6)
     return root
 
@@ -78,8 +107,13 @@ def test_batch_shapes_dtypes_ranges(messy_root, kind, frames):
     dm = _setup(messy_root, kind, frames=frames, batch_size=2)
     batch = next(iter(dm.train_dataloader()))
     F, H, W, S = frames, SIZES["height"], SIZES["width"], SIZES["clip_image_size"]
-    expect = {"pixels": (2, F, 3, H, W), "ref_pixels": (2, 3, S, S), "id_embedding": (2, 128),
-              "face_mask": (2, F, 1, H, W), "face_boxes": (2, F, 4)}
+    expect = {
+        "pixels": (2, F, 3, H, W),
+        "ref_pixels": (2, 3, S, S),
+        "id_embedding": (2, 128),
+        "face_mask": (2, F, 1, H, W),
+        "face_boxes": (2, F, 4),
+    }
     assert {k: tuple(batch[k].shape) for k in expect} == expect
     assert all(batch[k].dtype == torch.float32 for k in expect)
     assert -1 <= batch["pixels"].min() < 0 < batch["pixels"].max() <= 1
@@ -114,8 +148,12 @@ def test_face_cache_reused_then_rebuilt_when_metadata_changes(tmp_path, write_da
     assert len(_setup(root, "image").dataset) == 2 and len(calls) > 0  # first setup: runs the detector
     calls.clear()
     assert len(_setup(root, "video").dataset) == 2 and calls == []  # same metadata: cache reused
-    extra = {"kind": "image", "image": "images/t1_f_0.jpg", "caption": "a woman",
-             "references": ["references/t1_f_0_0.jpg"]}
+    extra = {
+        "kind": "image",
+        "image": "images/t1_f_0.jpg",
+        "caption": "a woman",
+        "references": ["references/t1_f_0_0.jpg"],
+    }
     write_dataset(root, GOOD + [extra])
     assert len(_setup(root, "image").dataset) == 3 and len(calls) > 0  # metadata changed: rebuilt
     assert [p.name for p in root.glob(".mm_faces*")] == [".mm_faces_dlib.npz"]  # no temp files left

@@ -9,8 +9,16 @@ from mm_lightning.data import MagicMirrorDataModule
 @pytest.mark.slow  # mostly the face pass over the demo data, shared with the other data tests
 def test_landmarks_sit_inside_their_face_box(demo_root):
     for kind, frames in (("image", 1), ("video", 5)):
-        dm = MagicMirrorDataModule(root=str(demo_root), kind=kind, frames=frames, height=40, width=56,
-                                   clip_image_size=32, face_probe_frames=4, batch_size=2)
+        dm = MagicMirrorDataModule(
+            root=str(demo_root),
+            kind=kind,
+            frames=frames,
+            height=40,
+            width=56,
+            clip_image_size=32,
+            face_probe_frames=4,
+            batch_size=2,
+        )
         dm.setup()
         batch = next(iter(dm.train_dataloader()))
         landmarks, boxes = batch["face_landmarks"], batch["face_boxes"]  # [B, F, 5, 2] pixels, [B, F, 4] in [0, 1]

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from evaluation.suite import EvaluatorConfig, VideoEvaluator
-from evaluation.synthetic import astronaut, grace_hopper, sliding_photo
+from mm_lightning.evaluation.suite import EvaluatorConfig, VideoEvaluator
+from mm_lightning.evaluation.synthetic import astronaut, grace_hopper, sliding_photo
 
 SIZE = (240, 360)
 

@@ -3,9 +3,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from evaluation.dynamic_degree import DynamicDegree, pair_scores, top5_magnitude
-from evaluation.flow import DISFlow, FarnebackFlow, build_flow
-from evaluation.synthetic import moving_patch, translating_texture
+from mm_lightning.evaluation.dynamic_degree import DynamicDegree, pair_scores, top5_magnitude
+from mm_lightning.evaluation.flow import DISFlow, FarnebackFlow, build_flow
+from mm_lightning.evaluation.synthetic import moving_patch, translating_texture
 
 
 class ConstantFlow:
@@ -116,8 +116,10 @@ def test_build_flow_names():
         build_flow("lucas-kanade")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
-                    reason="torchvision does not import beside this CPU torch; run on the GPU machine")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None,
+    reason="torchvision does not import beside this CPU torch; run on the GPU machine",
+)
 def test_raft_plumbing_with_random_weights(tmp_path):
     # Random weights test the plumbing only (padding, [-1, 1] input, grid, 20 iterations), not accuracy.
     import torch

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.facial_motion import FacialMotionInter, FacialMotionRef, fm_inter, fm_ref
+from mm_lightning.evaluation.facial_motion import FacialMotionInter, FacialMotionRef, fm_inter, fm_ref
 
 # A face in a 400x200 (W x H) frame: eyes, nose, mouth corners in pixels.
 FACE = np.array([[180, 80], [220, 80], [200, 100], [185, 120], [215, 120]], np.float64)

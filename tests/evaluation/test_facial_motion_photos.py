@@ -7,8 +7,8 @@ positions, zoomed, panned, or has its mouth widened by a local warp. Frames stay
 import numpy as np
 import pytest
 
-from evaluation.facial_motion import fm_inter, fm_ref
-from evaluation.synthetic import astronaut, composite, widen
+from mm_lightning.evaluation.facial_motion import fm_inter, fm_ref
+from mm_lightning.evaluation.synthetic import astronaut, composite, widen
 from mm_lightning.faces import build_face_analyzer
 
 SIZE = (480, 720)
@@ -31,8 +31,11 @@ def landmarks(analyzer, frames):
 def test_same_face_at_any_scale_reads_no_motion_against_its_square_reference(analyzer, face_crop):
     ref = analyzer.require_face(face_crop, "reference")
     refs = [(ref.landmarks, face_crop.shape[:2])]
-    frames = [composite(face_crop, SIZE, 200), composite(face_crop, SIZE, 300, (250, 200)),
-              composite(face_crop, SIZE, 460, (360, 240))]
+    frames = [
+        composite(face_crop, SIZE, 200),
+        composite(face_crop, SIZE, 300, (250, 200)),
+        composite(face_crop, SIZE, 460, (360, 240)),
+    ]
     found = landmarks(analyzer, frames)
     face = [fm_ref([lm], SIZE, refs, normalise="face") for lm in found]
     frame = [fm_ref([lm], SIZE, refs) for lm in found]
@@ -50,8 +53,9 @@ def test_rigid_zoom_and_pan_read_far_less_than_a_moving_mouth(analyzer, face_cro
     smile = widen(face_crop, ((lx + rx) / 2, (ly + ry) / 2), 0.2 * iod, (rx - lx) / 2)
     mouth = landmarks(analyzer, [composite(face_crop, SIZE, 300), composite(smile, SIZE, 300)])
     zoom = landmarks(analyzer, [composite(face_crop, SIZE, 300), composite(face_crop, SIZE, 345)])  # +15%
-    pan = landmarks(analyzer, [composite(face_crop, SIZE, 300, (250, 240)),
-                               composite(face_crop, SIZE, 300, (471, 240))])
+    pan = landmarks(
+        analyzer, [composite(face_crop, SIZE, 300, (250, 240)), composite(face_crop, SIZE, 300, (471, 240))]
+    )
     moving = fm_inter(mouth, SIZE, normalise="face")
     assert 0.2 < moving < 0.45  # measured 0.28: dlib's corners follow ~70% of the warp
     for rigid in (zoom, pan):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.inception_score import FrameInceptionScore, inception_unavailable_reason
-from evaluation.suite import EvaluatorConfig, VideoEvaluator
+from mm_lightning.evaluation.inception_score import FrameInceptionScore, inception_unavailable_reason
+from mm_lightning.evaluation.suite import EvaluatorConfig, VideoEvaluator
 
 
 class BrightnessClassifier(torch.nn.Module):

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.flow import DISFlow
-from evaluation.motion_smoothness import MotionSmoothness, motion_smoothness
-from evaluation.synthetic import moving_patch, translating_texture
+from mm_lightning.evaluation.flow import DISFlow
+from mm_lightning.evaluation.motion_smoothness import MotionSmoothness, motion_smoothness
+from mm_lightning.evaluation.synthetic import moving_patch, translating_texture
 
 SIZE = (240, 360)
 

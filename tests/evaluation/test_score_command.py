@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from evaluation.synthetic import astronaut, camera, grace_hopper, translating_texture
-from evaluation.video_io import write_video
 from mm_lightning.commands import score
+from mm_lightning.evaluation.synthetic import astronaut, camera, grace_hopper, translating_texture
+from mm_lightning.evaluation.video_io import write_video
 
 
 def parse(*argv):
@@ -82,7 +82,7 @@ def test_csv_and_latex_formats(manifest, tmp_path):
     assert score.run(parse("--manifest", str(manifest), "--out", str(tmp_path), "--format", "csv")) == 0
     header = (tmp_path / "table.csv").read_text().splitlines()[0]
     assert header.startswith("method,videos,errors,no-face frames,face rate,dynamic_degree_mean,dynamic_degree_std")
-    from evaluation.score_table import build_table, render
+    from mm_lightning.reports.score_table import build_table, render
 
     records = [json.loads(line) for line in (tmp_path / "per_video.jsonl").read_text().splitlines()]
     assert r"\pm" in render(*build_table(records), "latex")
@@ -109,8 +109,16 @@ def test_raft_without_weights_is_a_clear_error(tmp_path, capsys):
 
 def test_shorthand_and_mlflow(manifest, tmp_path, mlflow_uri):
     folder = manifest.parent
-    args = parse("--video", str(folder / "clips" / "static.mp4"), "--reference", str(folder / "astronaut.png"),
-                 "--out", str(tmp_path), "--mlflow-experiment", "scores")
+    args = parse(
+        "--video",
+        str(folder / "clips" / "static.mp4"),
+        "--reference",
+        str(folder / "astronaut.png"),
+        "--out",
+        str(tmp_path),
+        "--mlflow-experiment",
+        "scores",
+    )
     assert score.run(args) == 0
     from mlflow import MlflowClient
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.id_similarity import IDSimilarity, frame_similarities
-from evaluation.similarity_decay import SimilarityDecay, similarity_decay
+from mm_lightning.evaluation.id_similarity import IDSimilarity, frame_similarities
+from mm_lightning.evaluation.similarity_decay import SimilarityDecay, similarity_decay
 
 
 def test_frame_similarities_are_cosines_to_the_reference():
@@ -29,7 +29,8 @@ def test_no_face_frames_are_left_out_by_default_and_counted():
     default, zero = IDSimilarity(), IDSimilarity(no_face_similarity=0.0)
     for metric in (default, zero):
         assert float(metric([0.9, None, 0.9, 0.9])["id_similarity"]) == pytest.approx(
-            0.9 if metric is default else 0.675)
+            0.9 if metric is default else 0.675
+        )
         faceless = float(metric([None, None])["id_similarity"])
         assert math.isnan(faceless) if metric is default else faceless == 0.0
     d, z = default.compute(), zero.compute()

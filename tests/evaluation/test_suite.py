@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.suite import EvaluatorConfig
-from evaluation.synthetic import astronaut, camera, grace_hopper
+from mm_lightning.evaluation.suite import EvaluatorConfig
+from mm_lightning.evaluation.synthetic import astronaut, camera, grace_hopper
 from mm_lightning.faces import NoFaceError
 
 FPS = 8.0
@@ -68,8 +68,10 @@ def test_compute_aggregates_what_score_video_returned(evaluator, astronaut_stati
 
 def test_grace_hopper_reference_prefers_her_clip(evaluator, astronaut_static, hopper_static):
     ref = evaluator.prepare_reference([grace_hopper()])
-    assert (evaluator.score_video(hopper_static, FPS, ref)["id_similarity"]
-            > evaluator.score_video(astronaut_static, FPS, ref)["id_similarity"] + 0.05)
+    assert (
+        evaluator.score_video(hopper_static, FPS, ref)["id_similarity"]
+        > evaluator.score_video(astronaut_static, FPS, ref)["id_similarity"] + 0.05
+    )
 
 
 def test_config_from_the_experiment_eval_section():

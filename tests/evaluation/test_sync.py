@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from evaluation.dynamic_degree import DynamicDegree
-from evaluation.facial_motion import FacialMotionInter, FacialMotionRef
-from evaluation.id_similarity import IDSimilarity
-from evaluation.similarity_decay import SimilarityDecay
+from mm_lightning.evaluation.dynamic_degree import DynamicDegree
+from mm_lightning.evaluation.facial_motion import FacialMotionInter, FacialMotionRef
+from mm_lightning.evaluation.id_similarity import IDSimilarity
+from mm_lightning.evaluation.similarity_decay import SimilarityDecay
 
 SIZE = (200, 400)
 RNG = np.random.default_rng(0)
@@ -31,8 +31,13 @@ class SpeedFlow:
 
 
 def make_metrics():
-    return {"id": IDSimilarity(), "decay": SimilarityDecay(), "ref": FacialMotionRef(),
-            "inter": FacialMotionInter(), "dynamic": DynamicDegree(flow=SpeedFlow())}
+    return {
+        "id": IDSimilarity(),
+        "decay": SimilarityDecay(),
+        "ref": FacialMotionRef(),
+        "inter": FacialMotionInter(),
+        "dynamic": DynamicDegree(flow=SpeedFlow()),
+    }
 
 
 def feed(metrics, videos):

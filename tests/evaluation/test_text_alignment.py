@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from evaluation.suite import EvaluatorConfig, VideoEvaluator
-from evaluation.text_alignment import TextAlignment, clip_unavailable_reason
+from mm_lightning.evaluation.suite import EvaluatorConfig, VideoEvaluator
+from mm_lightning.evaluation.text_alignment import TextAlignment, clip_unavailable_reason
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,12 @@ def tiny_clip(tmp_path_factory):
     transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1, **small),
-        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+        text_config=dict(
+            vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, **small
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **small),
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     transformers.CLIPModel(config).save_pretrained(folder)
     processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from evaluation.synthetic import astronaut, sliding_photo
-from evaluation.video_io import MediaReadError, read_image, read_video, write_video
+from mm_lightning.data.media import MediaReadError, read_image
+from mm_lightning.evaluation.synthetic import astronaut, sliding_photo
+from mm_lightning.evaluation.video_io import read_video, write_video
 
 
 def test_round_trip_keeps_shape_fps_and_content(tmp_path):

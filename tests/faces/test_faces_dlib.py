@@ -104,7 +104,6 @@ def test_face_crop_and_mask(dlib_analyzer, astronaut):
     np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [166, 67, 274, 175], atol=1)
 
 
-
 @pytest.fixture
 def face_recognition(monkeypatch):
     """face_recognition 1.3.0 itself, imported with a stand-in for pkg_resources (gone from setuptools 81+).
@@ -121,7 +120,8 @@ def face_recognition(monkeypatch):
         pytest.skip("face_recognition is not installed (pip install --no-deps -r requirements-nodeps.txt)")
     stand_in = types.ModuleType("pkg_resources")
     stand_in.resource_filename = lambda package, name: str(
-        Path(importlib.util.find_spec(package).submodule_search_locations[0]) / name)
+        Path(importlib.util.find_spec(package).submodule_search_locations[0]) / name
+    )
     monkeypatch.setitem(sys.modules, "pkg_resources", stand_in)
     for name in [m for m in sys.modules if m.split(".")[0] in ("face_recognition", "face_recognition_models")]:
         monkeypatch.delitem(sys.modules, name)

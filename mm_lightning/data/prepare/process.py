@@ -16,8 +16,9 @@ import cv2
 import decord
 import imageio_ffmpeg
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from mm_lightning.data.media import read_image
 from mm_lightning.data.prepare.faces import Drop, ShrunkAnalyzer, clip_faces, face_side, image_face
 from mm_lightning.data.prepare.scan import InputFile
 from mm_lightning.data.prepare.shots import brightness, clip_windows, detect_shots, sharpness
@@ -32,16 +33,6 @@ def init_worker(make_analyzer, make_motion, max_side):
     the dynamic-degree rule, passed in by the command so data/ does not import evaluation/."""
     cv2.setNumThreads(1)  # parallelism comes from the processes
     _worker.update(analyzer=ShrunkAnalyzer(make_analyzer(), max_side), motion=make_motion())
-
-
-def load_image(path: Path) -> np.ndarray:
-    """[h, w, 3] uint8 RGB from any PIL mode: EXIF rotation applied, CMYK converted, 16-bit scaled down."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: convert("RGB") would clip at 255
-            grey = (np.asarray(im).astype(np.float32) / 257).clip(0, 255).astype(np.uint8)
-            return np.repeat(grey[..., None], 3, axis=2)
-        return np.asarray(im.convert("RGB"))
 
 
 def _write_jpg(path: Path, image: np.ndarray):
@@ -76,7 +67,7 @@ def _stem(f: InputFile, key: str) -> str:
 
 def _process_image(f: InputFile, raw: Path, out: Path, key: str, s: dict) -> dict:
     try:
-        image = load_image(raw / f.path)
+        image = read_image(raw / f.path)
     except Exception:  # PIL raises OSError, SyntaxError, ValueError... on corrupt or truncated files
         raise Drop("unreadable_image") from None
     face = image_face(_worker["analyzer"], image, s["max_second_face"], s["min_face_size"])

@@ -14,9 +14,9 @@ import io
 import math
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 from matplotlib.figure import Figure
@@ -66,9 +66,7 @@ def fetch_train_runs(client: MlflowClient, experiment_name: str) -> tuple[str, l
         raise LookupError(f"no MLflow experiment named {experiment_name!r} at {client.tracking_uri}")
     runs, token = [], None
     while True:
-        page = client.search_runs(
-            [experiment.experiment_id], "tags.`mm.role` = 'train'", page_token=token
-        )
+        page = client.search_runs([experiment.experiment_id], "tags.`mm.role` = 'train'", page_token=token)
         runs += [run for run in map(_train_run, page) if run is not None]
         token = page.token
         if not token:
@@ -82,11 +80,7 @@ def _train_run(run) -> TrainRun | None:
     # Only the last stage's evaluation describes the trained model.
     stage = tags.get(TAG_FINAL_STAGE)
     prefix = f"eval/{stage}/"
-    metrics = {
-        key[len(prefix) :]: value
-        for key, value in run.data.metrics.items()
-        if stage and key.startswith(prefix)
-    }
+    metrics = {key[len(prefix) :]: value for key, value in run.data.metrics.items() if stage and key.startswith(prefix)}
     return TrainRun(
         variant=tags[TAG_VARIANT],
         seed=tags[TAG_SEED],
@@ -280,9 +274,7 @@ def _grid(table: AblationTable, style: _Style, with_paper: bool):
             row.append(style.dash if delta is None else f"{delta:+.3f}")
             if with_paper:
                 value = table.paper.get(variant, {}).get(metric)
-                row.append(
-                    style.dash + style.mark(notes.mark([PAPER_MISSING])) if value is None else f"{value:.3f}"
-                )
+                row.append(style.dash + style.mark(notes.mark([PAPER_MISSING])) if value is None else f"{value:.3f}")
         rows.append(row)
     footnotes = [(number, style.escape(note)) for note, number in notes.numbers.items()]
     return header, rows, footnotes
@@ -332,7 +324,14 @@ def _render_csv(table: AblationTable, with_paper: bool) -> str:
     for variant in table.variants:
         for metric in table.metrics:
             cell = table.cells[variant, metric]
-            row = [variant, metric, _number(cell.mean), _number(cell.std), cell.n, _number(table.delta(variant, metric))]
+            row = [
+                variant,
+                metric,
+                _number(cell.mean),
+                _number(cell.std),
+                cell.n,
+                _number(table.delta(variant, metric)),
+            ]
             notes = list(cell.notes)
             if with_paper:
                 paper = table.paper.get(variant, {}).get(metric)

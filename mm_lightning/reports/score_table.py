@@ -11,8 +11,18 @@ from dataclasses import dataclass
 
 # The paper's Table 1 order, then our face-normalised FM. A column appears only when some video has it
 # (text alignment and inception score need local weights).
-METRICS = ("dynamic_degree", "text_alignment", "inception_score", "motion_smoothness", "id_similarity",
-           "similarity_decay", "fm_ref", "fm_inter", "fm_ref_face", "fm_inter_face")
+METRICS = (
+    "dynamic_degree",
+    "text_alignment",
+    "inception_score",
+    "motion_smoothness",
+    "id_similarity",
+    "similarity_decay",
+    "fm_ref",
+    "fm_inter",
+    "fm_ref_face",
+    "fm_inter_face",
+)
 
 
 @dataclass
@@ -57,13 +67,20 @@ def build_table(records: Sequence[dict]) -> tuple[list[str], list[MethodRow]]:
         mine = [r for r in records if r["method"] == method]
         scored = [r for r in mine if "error" not in r]
 
-        def cell(name: str) -> Cell:
+        def cell(name: str, scored: list[dict] = scored) -> Cell:
             values = [float(r[name]) for r in scored if r.get(name) is not None and not math.isnan(r[name])]
             return Cell(values, len(scored) - len(values))
 
-        rows.append(MethodRow(method, len(mine), len(mine) - len(scored),
-                              sum(r["no_face_frames"] for r in scored), sum(r["frames_scored"] for r in scored),
-                              {m: cell(m) for m in columns}))
+        rows.append(
+            MethodRow(
+                method,
+                len(mine),
+                len(mine) - len(scored),
+                sum(r["no_face_frames"] for r in scored),
+                sum(r["frames_scored"] for r in scored),
+                {m: cell(m) for m in columns},
+            )
+        )
     return columns, rows
 
 
@@ -84,21 +101,49 @@ def render(columns: list[str], rows: list[MethodRow], fmt: str) -> str:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(header[:5] + [f"{c}_{s}" for c in columns for s in ("mean", "std", "n", "undefined")])
         for r in rows:
-            writer.writerow([r.method, r.videos, r.errors, f"{r.no_face_frames}/{r.frames_scored}", r.face_rate,
-                             *[x for c in columns for x in (r.cells[c].mean, r.cells[c].std, r.cells[c].n,
-                                                            r.cells[c].undefined)]])
+            writer.writerow(
+                [
+                    r.method,
+                    r.videos,
+                    r.errors,
+                    f"{r.no_face_frames}/{r.frames_scored}",
+                    r.face_rate,
+                    *[
+                        x
+                        for c in columns
+                        for x in (r.cells[c].mean, r.cells[c].std, r.cells[c].n, r.cells[c].undefined)
+                    ],
+                ]
+            )
         return out.getvalue()
     pm = r"$\pm$" if fmt == "latex" else "±"
-    lines = [[r.method, str(r.videos), str(r.errors), f"{r.no_face_frames}/{r.frames_scored}",
-              "—" if math.isnan(r.face_rate) else f"{r.face_rate:.3f}",
-              *[_cell_text(r.cells[c], pm) for c in columns]] for r in rows]
+    lines = [
+        [
+            r.method,
+            str(r.videos),
+            str(r.errors),
+            f"{r.no_face_frames}/{r.frames_scored}",
+            "—" if math.isnan(r.face_rate) else f"{r.face_rate:.3f}",
+            *[_cell_text(r.cells[c], pm) for c in columns],
+        ]
+        for r in rows
+    ]
     if fmt == "md":
-        return "\n".join("| " + " | ".join(cells) + " |"
-                         for cells in [header, ["---"] * len(header), *lines]) + "\n"
+        return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *lines]) + "\n"
     if fmt == "latex":
         escape = lambda s: s.replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")  # noqa: E731
         body = [" & ".join(map(escape, header)) + r" \\", r"\midrule"]
         body += [" & ".join([escape(cells[0]), *cells[1:]]) + r" \\" for cells in lines]
-        return "\n".join([r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule", *body,
-                          r"\bottomrule", r"\end{tabular}"]) + "\n"
+        return (
+            "\n".join(
+                [
+                    r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
+                    r"\toprule",
+                    *body,
+                    r"\bottomrule",
+                    r"\end{tabular}",
+                ]
+            )
+            + "\n"
+        )
     raise ValueError(f"unknown format {fmt!r}; use md, csv or latex")
