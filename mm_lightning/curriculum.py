@@ -38,14 +38,13 @@ from mlflow.entities import Param
 from omegaconf import DictConfig, OmegaConf
 
 from mm_lightning.callbacks.progress import StageProgressBar
-
-from .config import ConfigError
-from .data.datamodule import MagicMirrorDataModule
-from .data.latent_cache import open_cache
-from .ema import ema_callbacks
-from .memory import out_of_memory_error
-from .module import MagicMirrorModule
-from .tracking import (
+from mm_lightning.config import ConfigError
+from mm_lightning.data.datamodule import MagicMirrorDataModule
+from mm_lightning.data.latent_cache import open_cache
+from mm_lightning.ema import ema_callbacks
+from mm_lightning.memory import out_of_memory_error
+from mm_lightning.module import MagicMirrorModule
+from mm_lightning.tracking import (
     RUN_DIR_ENV,
     RUN_LOCK_FILE,
     TAG_COMPLETED,
@@ -314,7 +313,7 @@ def strategy(cfg: DictConfig):
         from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from .models.adapter import MagicMirrorBlock
+        from mm_lightning.models.adapter import MagicMirrorBlock
 
         # use_orig_params: frozen and trainable weights share the wrapped units.
         return FSDPStrategy(auto_wrap_policy={CogVideoXBlock, MagicMirrorBlock}, use_orig_params=True)

@@ -19,6 +19,17 @@ def gib(n_bytes: int) -> float:
     return n_bytes / 2**30
 
 
+def smaller_batch(stage: str, s) -> str:
+    """With a global batch set, accumulation is derived from it (halving the per-device batch is enough);
+    without one, accumulation is doubled by hand to keep the effective batch."""
+    half = f"curriculum.stages.{stage}.batch_size={max(s.batch_size // 2, 1)}"
+    if s.get("global_batch"):
+        return f"a smaller per-device batch (accumulation follows global_batch={s.global_batch}), e.g. {half}"
+    return f"a smaller batch with accumulation, e.g. {half} " + (
+        f"curriculum.stages.{stage}.accumulate_grad_batches={s.accumulate_grad_batches * 2}"
+    )
+
+
 def out_of_memory_error(cfg: DictConfig, stage: str, err: BaseException) -> TrainingOutOfMemoryError:
     s = cfg.curriculum.stages[stage]
     if torch.cuda.is_available():
@@ -35,8 +46,7 @@ def out_of_memory_error(cfg: DictConfig, stage: str, err: BaseException) -> Trai
         else None,
         "8-bit AdamW states (bitsandbytes' AdamW8bit; not a config switch yet: swap it in configure_optimizers)",
         "precompute the latent/T5 caches (`python -m mm_lightning cache ...`) so T5 and the VAE stay unloaded",
-        f"a smaller batch with accumulation, e.g. curriculum.stages.{stage}.batch_size={max(s.batch_size // 2, 1)} "
-        f"curriculum.stages.{stage}.accumulate_grad_batches={s.accumulate_grad_batches * 2}",
+        smaller_batch(stage, s),
     ]
     if cfg.loss.identity_weight > 0:
         options.append(

@@ -17,14 +17,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
-from .config import config_from_checkpoint, load_config
-from .ema import find_ema
-from .faces import differentiable_embedder
-from .faces.crops import aligned_face_crops
-from .models.loading import Components, frozen_dtype, load_components
-from .models.magicmirror import compile_blocks
-from .pipeline import build_pipeline
-from .text import identity_token_mask
+from mm_lightning.config import config_from_checkpoint, load_config
+from mm_lightning.ema import find_ema
+from mm_lightning.faces import differentiable_embedder
+from mm_lightning.faces.crops import aligned_face_crops
+from mm_lightning.models.loading import Components, frozen_dtype, load_components
+from mm_lightning.models.magicmirror import compile_blocks
+from mm_lightning.pipeline import build_pipeline
+from mm_lightning.text import identity_token_mask
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -12,10 +12,10 @@ import torch
 from diffusers import CogVideoXPipeline
 from omegaconf import DictConfig
 
-from .faces import FaceAnalyzer, face_crop, mean_identity_embedding
-from .models.face_encoder import FaceConditioning
-from .models.loading import Components, sampling_scheduler
-from .text import identity_token_mask
+from mm_lightning.faces import FaceAnalyzer, face_crop, mean_identity_embedding
+from mm_lightning.models.face_encoder import FaceConditioning
+from mm_lightning.models.loading import Components, sampling_scheduler
+from mm_lightning.text import identity_token_mask
 
 
 def build_pipeline(components: Components, scheduler: str | None = None) -> CogVideoXPipeline:

@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .common import add_experiment_arguments, config_from_args
+from mm_lightning.commands.common import add_experiment_arguments, config_from_args
 
 
 def add_arguments(parser):
@@ -221,8 +221,8 @@ def run(args) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from ..models.loading import _plain, build_magicmirror
-    from ..models.magicmirror import compile_blocks
+    from mm_lightning.models.loading import _plain, build_magicmirror
+    from mm_lightning.models.magicmirror import compile_blocks
 
     device, dtype = torch.device(args.device), torch.bfloat16
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -3,7 +3,7 @@
 Precomputes VAE latents and T5 prompt embeddings for each stage's data (see
 mm_lightning/data/latent_cache.py); `fit` then uses them while data.use_cache=true."""
 
-from .common import add_experiment_arguments, config_from_args
+from mm_lightning.commands.common import add_experiment_arguments, config_from_args
 
 
 def add_arguments(parser):
@@ -14,9 +14,9 @@ def add_arguments(parser):
 def run(args) -> int:
     import torch
 
-    from ..curriculum import build_datamodule
-    from ..data.latent_cache import write_cache
-    from ..module import MagicMirrorModule
+    from mm_lightning.curriculum import build_datamodule
+    from mm_lightning.data.latent_cache import write_cache
+    from mm_lightning.module import MagicMirrorModule
 
     cfg = config_from_args(args)
     stages = args.stages.split(",") if args.stages else list(cfg.curriculum.order)

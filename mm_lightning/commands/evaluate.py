@@ -26,9 +26,8 @@ def run(args) -> int:
     from mlflow.tracking import MlflowClient
 
     from mm_lightning.evaluation_run import evaluate_model
-
-    from ..module import MagicMirrorModule
-    from ..tracking import (
+    from mm_lightning.module import MagicMirrorModule
+    from mm_lightning.tracking import (
         MLFLOW_RUN_NAME,
         TAG_CHECKPOINT,
         TAG_ROLE,

@@ -9,8 +9,8 @@ import os
 import shlex
 import sys
 
-from ..config import to_yaml
-from .common import add_experiment_arguments, config_from_args
+from mm_lightning.commands.common import add_experiment_arguments, config_from_args
+from mm_lightning.config import to_yaml
 
 
 def add_arguments(parser):
@@ -28,7 +28,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from ..curriculum import Preempted, ResumeError, fit
+    from mm_lightning.curriculum import Preempted, ResumeError, fit
 
     cfg = config_from_args(args)
     bad = [tag for tag in args.tag if "=" not in tag]
@@ -53,7 +53,7 @@ def run(args) -> int:
 
 def resume_command(args, run_dir) -> str:
     """The command line that continues a stopped run (naming its folder when it was named for this one)."""
-    from ..tracking import RUN_DIR_ENV
+    from mm_lightning.tracking import RUN_DIR_ENV
 
     argv = [
         "python",

@@ -58,7 +58,7 @@ def check_memory_options(offload: str, int8: bool) -> None:
     """Before loading anything: offloading needs a CUDA GPU, --int8 needs torchao."""
     import torch
 
-    from ..config import ConfigError
+    from mm_lightning.config import ConfigError
 
     if offload != "none" and not torch.cuda.is_available():
         raise ConfigError(
@@ -74,11 +74,10 @@ def run(args) -> int:
 
     from mm_lightning.data.media import read_image
     from mm_lightning.evaluation.video_io import write_video
-
-    from ..faces import build_face_analyzer
-    from ..module import MagicMirrorModule
-    from ..pipeline import offload, quantize_int8, reference_inputs, sample_video
-    from ..text import identity_token_mask
+    from mm_lightning.faces import build_face_analyzer
+    from mm_lightning.module import MagicMirrorModule
+    from mm_lightning.pipeline import offload, quantize_int8, reference_inputs, sample_video
+    from mm_lightning.text import identity_token_mask
 
     check_memory_options(args.offload, args.int8)
     images = [read_image(p) for p in args.image]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .common import add_experiment_arguments
+from mm_lightning.commands.common import add_experiment_arguments
 
 
 def add_arguments(parser):
@@ -36,7 +36,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from ..models.loading import write_random_weights
+    from mm_lightning.models.loading import write_random_weights
 
     out = Path(args.out).resolve()
     cfg = snapshot_config(args.experiment, args.profile, out, args.overrides)
@@ -66,7 +66,7 @@ def snapshot_overrides(out: Path) -> list[str]:
 
 
 def snapshot_config(experiment: str, profile: str, out: Path, overrides=()):
-    from ..config import load_config
+    from mm_lightning.config import load_config
 
     return load_config(experiment, profile, [*snapshot_overrides(out), "weights.create_random=false", *overrides])
 
@@ -111,8 +111,8 @@ def write_synthetic_cache(cfg, stage: str, samples: int) -> Path:
     The index carries today's cache settings, so `fit` takes it as built by `cache`."""
     from safetensors.torch import save_file
 
-    from ..data.latent_cache import cache_dir, cache_settings
-    from ..models.loading import frozen_dtype
+    from mm_lightning.data.latent_cache import cache_dir, cache_settings
+    from mm_lightning.models.loading import frozen_dtype
 
     root = Path(cfg.data.root)
     root.mkdir(parents=True, exist_ok=True)

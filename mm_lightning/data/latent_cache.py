@@ -26,8 +26,8 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from .dataset import collate
-from .demo import ensure_demo_dataset
+from mm_lightning.data.dataset import collate
+from mm_lightning.data.demo import ensure_demo_dataset
 
 
 class StaleCacheError(RuntimeError):

@@ -1,6 +1,6 @@
 """Face analysis shared by data preparation, training (identity loss, face masks) and metrics."""
 
-from .analysis import (
+from mm_lightning.faces.analysis import (
     DlibFaceAnalyzer,
     Face,
     FaceAnalyzer,
@@ -9,8 +9,8 @@ from .analysis import (
     build_face_analyzer,
     mean_identity_embedding,
 )
-from .arcface import DifferentiableArcFace, differentiable_embedder
-from .crops import face_crop, face_mask
+from mm_lightning.faces.arcface import DifferentiableArcFace, differentiable_embedder
+from mm_lightning.faces.crops import face_crop, face_mask
 
 __all__ = [
     "DifferentiableArcFace",

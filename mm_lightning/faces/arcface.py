@@ -12,7 +12,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .analysis import BACKENDS, build_face_analyzer
+from mm_lightning.faces.analysis import BACKENDS, build_face_analyzer
 
 
 def _import_onnx2torch():

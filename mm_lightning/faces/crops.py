@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .analysis import Face
+from mm_lightning.faces.analysis import Face
 
 
 def face_crop(image: np.ndarray, face: Face, size: int, margin: float = 0.3) -> np.ndarray:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel
 
-from .perceiver import PerceiverResampler
-from .photomaker_id_encoder import PhotoMakerIDPerceiver
+from mm_lightning.models.perceiver import PerceiverResampler
+from mm_lightning.models.photomaker_id_encoder import PhotoMakerIDPerceiver
 
 # OpenAI CLIP normalisation; overridden by the image encoder's preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

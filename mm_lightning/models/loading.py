@@ -26,9 +26,9 @@ from transformers import (
     T5Tokenizer,
 )
 
-from .face_encoder import CLIP_MEAN, CLIP_STD, DualBranchFaceEncoder
-from .magicmirror import MagicMirrorTransformer
-from .photomaker_id_encoder import load_photomaker_v2
+from mm_lightning.models.face_encoder import CLIP_MEAN, CLIP_STD, DualBranchFaceEncoder
+from mm_lightning.models.magicmirror import MagicMirrorTransformer
+from mm_lightning.models.photomaker_id_encoder import load_photomaker_v2
 
 ID_EMBED_DIMS = {"dlib": 128, "insightface": 512}
 

@@ -16,8 +16,8 @@ from diffusers import CogVideoXTransformer3DModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapter import MagicMirrorBlock
-from .face_encoder import DualBranchFaceEncoder, FaceConditioning
+from mm_lightning.models.adapter import MagicMirrorBlock
+from mm_lightning.models.face_encoder import DualBranchFaceEncoder, FaceConditioning
 
 
 class MagicMirrorTransformer(nn.Module):
