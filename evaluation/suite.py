@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
+from mm_lightning.config import FacesConfig
 from mm_lightning.evaluation.dynamic_degree import DynamicDegree
 from mm_lightning.evaluation.facial_motion import FacialMotionInter, FacialMotionRef
 from mm_lightning.evaluation.flow import build_flow
@@ -17,14 +18,13 @@ from mm_lightning.evaluation.motion_smoothness import MotionSmoothness
 from mm_lightning.evaluation.sampling import uniform_indices
 from mm_lightning.evaluation.similarity_decay import SimilarityDecay
 from mm_lightning.evaluation.text_alignment import TextAlignment, clip_unavailable_reason
-from mm_lightning.faces import FaceAnalyzer, build_face_analyzer
+from mm_lightning.faces import Face, FaceAnalyzer, face_analyzer
 
 
 @dataclass
 class EvaluatorConfig:
-    face_backend: str = "dlib"  # "dlib" (face_recognition, the paper's ref. 15) | "insightface" (ArcFace)
-    insightface_root: str | None = None
-    insightface_model: str = "antelopev2"
+    # the face backend: dlib (face_recognition, the paper's ref. 15, default) or insightface (ArcFace)
+    faces: FacesConfig = field(default_factory=FacesConfig)
     frames_sampled: int = 16  # uniformly sampled frames for the face metrics and text alignment
     # ID similarity of a frame without a face. None (default): the frame is left out of its video's mean
     # (a video with no face at all has no value); 0.0: the "zero" policy. Missed frames are counted either way.
@@ -52,6 +52,13 @@ class Reference:
     embeddings: np.ndarray  # [R, D] one L2-normalised embedding per reference image (ID similarity)
     landmarks: list[tuple[np.ndarray, tuple[int, int]]]  # per image: 5-point landmarks [5, 2], (H, W)
 
+    @classmethod
+    def from_faces(cls, images: Sequence[np.ndarray], faces: Sequence[Face]) -> Reference:
+        """From faces already detected in the reference images (each set is detected once)."""
+        return cls(
+            np.stack([f.embedding for f in faces]), [(f.landmarks, img.shape[:2]) for f, img in zip(faces, images)]
+        )
+
 
 class VideoEvaluator:
     """Scores videos one at a time and accumulates the benchmark metrics.
@@ -62,7 +69,7 @@ class VideoEvaluator:
 
     def __init__(self, config: EvaluatorConfig | None = None, analyzer: FaceAnalyzer | None = None) -> None:
         self.config = c = config or EvaluatorConfig()
-        self.analyzer = analyzer or build_face_analyzer(c.face_backend, c.insightface_root, c.insightface_model)
+        self.analyzer = analyzer or face_analyzer(c.faces)
         # A sentence for the run's tags when text alignment is left out; None when it is scored.
         self.text_alignment_skipped = clip_unavailable_reason(c.clip_path)
         self.metrics = torch.nn.ModuleDict(
@@ -94,9 +101,7 @@ class VideoEvaluator:
     def prepare_reference(self, images: Sequence[np.ndarray], names: Sequence[str] | None = None) -> Reference:
         """Raises mm_lightning.faces.NoFaceError, naming the image, when a reference has no face: the caller decides."""
         names = names or [f"reference image {i}" for i in range(len(images))]
-        faces = [self.analyzer.require_face(img, name) for img, name in zip(images, names)]
-        sizes = [img.shape[:2] for img in images]
-        return Reference(np.stack([f.embedding for f in faces]), [(f.landmarks, size) for f, size in zip(faces, sizes)])
+        return Reference.from_faces(images, [self.analyzer.require_face(img, name) for img, name in zip(images, names)])
 
     def score_video(
         self,

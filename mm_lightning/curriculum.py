@@ -249,9 +249,7 @@ def build_datamodule(cfg: DictConfig, stage: str, clip_image_size: int, use_cach
         batch_size=s.batch_size,
         num_workers=cfg.data.num_workers,
         clip_image_size=clip_image_size,
-        face_backend=cfg.faces.backend,
-        insightface_root=cfg.faces.insightface_root,
-        insightface_model=cfg.faces.insightface_model,
+        faces=cfg.faces,
         seed=cfg.seed,
         fps=cfg.data.fps,
     )

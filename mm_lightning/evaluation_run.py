@@ -26,10 +26,10 @@ from omegaconf import DictConfig
 
 from mm_lightning.data.media import read_image
 from mm_lightning.evaluation.eval_set import demo_eval_set, load_eval_set
-from mm_lightning.evaluation.suite import EvaluatorConfig, VideoEvaluator
+from mm_lightning.evaluation.suite import EvaluatorConfig, Reference, VideoEvaluator
 from mm_lightning.evaluation.video_io import write_video
 from mm_lightning.faces import NoFaceError
-from mm_lightning.pipeline import reference_inputs, sample_video
+from mm_lightning.pipeline import face_inputs, sample_video
 from mm_lightning.reliance import RelianceProbe, write_reliance_artifacts
 from mm_lightning.reports.plots import contact_sheet, similarity_plot
 from mm_lightning.tracking import TAG_INCEPTION_SCORE, TAG_TEXT_ALIGNMENT
@@ -55,14 +55,7 @@ def evaluate_model(
     items = load_eval_set(eval_set)
     if cfg.eval.max_videos:
         items = items[: cfg.eval.max_videos]
-    evaluator = VideoEvaluator(
-        EvaluatorConfig.from_mapping(
-            cfg.eval,
-            face_backend=cfg.faces.backend,
-            insightface_root=cfg.faces.insightface_root,
-            insightface_model=cfg.faces.insightface_model,
-        )
-    )
+    evaluator = VideoEvaluator(EvaluatorConfig.from_mapping(cfg.eval, faces=cfg.faces))
     evaluator.to(module.device)
     if evaluator.text_alignment_skipped and rank == 0:
         client.set_tag(run_id, TAG_TEXT_ALIGNMENT, f"left out: {evaluator.text_alignment_skipped}")
@@ -83,12 +76,13 @@ def evaluate_model(
             name = f"{index:03d}_{item.identity}"
             key = tuple(item.references)
             try:
-                if key not in prepared:
-                    images, names = [read_image(p) for p in key], [str(p) for p in key]
+                if key not in prepared:  # each reference set is read and face-detected once, for all its prompts:
+                    images = [read_image(p) for p in key]  # pipeline inputs and metric references share the faces
+                    faces = [evaluator.analyzer.require_face(img, str(p)) for img, p in zip(images, key)]
                     prepared[key] = (
                         images,
-                        *reference_inputs(evaluator.analyzer, images, clip_size, names),
-                        evaluator.prepare_reference(images, names),
+                        *face_inputs(images, faces, clip_size),
+                        Reference.from_faces(images, faces),
                     )
             except NoFaceError as err:  # a bad eval-set entry is reported, not fatal
                 per_video.append({"video": name, "prompt": item.prompt, "error": str(err)})

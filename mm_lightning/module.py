@@ -48,9 +48,7 @@ class MagicMirrorModule(L.LightningModule):
         self.pipe = build_pipeline(components)
         self.arcface = None
         if cfg.loss.identity_weight > 0:
-            self.arcface = differentiable_embedder(
-                cfg.faces.backend, cfg.faces.insightface_root, cfg.faces.insightface_model
-            )
+            self.arcface = differentiable_embedder(cfg.faces)
             self.arcface.to(frozen_dtype(cfg))
         self.transformer.gradient_checkpointing = cfg.trainer.gradient_checkpointing
         if cfg.trainer.compile_blocks:
@@ -59,7 +57,7 @@ class MagicMirrorModule(L.LightningModule):
     @classmethod
     def from_checkpoint(
         cls,
-        path: str,
+        path: str | dict,
         overrides: list[str] = (),
         experiment: str | None = None,
         profile: str = "tiny",
@@ -69,10 +67,14 @@ class MagicMirrorModule(L.LightningModule):
         """A trained model for inference: the config stored in the checkpoint (or the named
         experiment's), the frozen weights from their local folders, the trained weights from the file:
         its EMA weights when it has them (ema.enabled), unless `raw_weights`. `loaded_weights` says which.
-        `to_device=False` leaves the module on the CPU (for diffusers' CPU offloading)."""
-        if not Path(path).is_file():
+        `to_device=False` leaves the module on the CPU (for diffusers' CPU offloading). `path` may also be
+        the checkpoint already loaded, so a caller that read it first does not load it twice."""
+        if isinstance(path, dict):
+            checkpoint = path
+        elif Path(path).is_file():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        else:
             raise FileNotFoundError(f"checkpoint not found: {path} (fit writes <run>/checkpoints/<stage>/final.ckpt)")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         cfg = (
             load_config(experiment, profile, overrides) if experiment else config_from_checkpoint(checkpoint, overrides)
         )

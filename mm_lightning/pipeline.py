@@ -12,7 +12,7 @@ import torch
 from diffusers import CogVideoXPipeline
 from omegaconf import DictConfig
 
-from mm_lightning.faces import FaceAnalyzer, face_crop, mean_identity_embedding
+from mm_lightning.faces import Face, FaceAnalyzer, face_crop, mean_identity_embedding
 from mm_lightning.models.face_encoder import FaceConditioning
 from mm_lightning.models.loading import Components, sampling_scheduler
 from mm_lightning.text import identity_token_mask
@@ -59,7 +59,11 @@ def reference_inputs(analyzer: FaceAnalyzer, images: list[np.ndarray], clip_size
     Raises NoFaceError, naming the photo, when one has no detectable face, so that
     `generate` stops before any denoising."""
     names = names or [f"reference image {i}" for i in range(len(images))]
-    faces = [analyzer.require_face(img, name) for img, name in zip(images, names)]
+    return face_inputs(images, [analyzer.require_face(img, name) for img, name in zip(images, names)], clip_size)
+
+
+def face_inputs(images: list[np.ndarray], faces: list[Face], clip_size: int):
+    """Reference photos and their detected faces -> (ref_pixels [R, 3, S, S] in [0, 1], id embedding [D])."""
     crops = np.stack([face_crop(img, face, clip_size) for img, face in zip(images, faces)])
     ref_pixels = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0
     return ref_pixels, torch.from_numpy(mean_identity_embedding(faces)).float()

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from mm_lightning.data.media import read_image, resize_center_crop
 from mm_lightning.evaluation.eval_set import EvalItem, demo_eval_set, load_eval_set
-from mm_lightning.faces import FaceAnalyzer, NoFaceError, build_face_analyzer
+from mm_lightning.faces import FaceAnalyzer, NoFaceError, face_analyzer
 from mm_lightning.pipeline import reference_inputs
 
 
@@ -107,7 +107,7 @@ class RelianceProbe:
     @classmethod
     def from_config(cls, cfg: DictConfig, clip_size: int) -> RelianceProbe:
         items = load_eval_set(cfg.eval.eval_set or demo_eval_set(cfg.cache_dir))
-        analyzer = build_face_analyzer(cfg.faces.backend, cfg.faces.insightface_root, cfg.faces.insightface_model)
+        analyzer = face_analyzer(cfg.faces)
         return cls(
             items,
             analyzer,

@@ -44,16 +44,17 @@ def run(args: argparse.Namespace) -> int:
         args.flow_table.write_text(table)
         print(table + f"bench-metrics: wrote {args.flow_table} in {time.perf_counter() - start:.0f} s")
         return 0
+    from mm_lightning.config import FacesConfig
     from mm_lightning.evaluation.dynamic_degree import pair_scores
     from mm_lightning.evaluation.motion_smoothness import motion_smoothness
     from mm_lightning.evaluation.sampling import uniform_indices
     from mm_lightning.evaluation.suite import EvaluatorConfig, VideoEvaluator
     from mm_lightning.evaluation.synthetic import astronaut, sliding_photo
 
+    faces = {"backend": args.face_backend, "insightface_root": args.insightface_root}
     overrides = {
         "frames_sampled": args.frames_sampled,
-        "face_backend": args.face_backend,
-        "insightface_root": args.insightface_root,
+        "faces": FacesConfig(**{k: v for k, v in faces.items() if v is not None}),
         "flow": args.flow,
         "flow_weights": args.flow_weights,
     }
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     flow_size = f"longest side {config.flow_max_side}" if config.flow_max_side else "full size"
     print(
         f"bench-metrics: {args.frames}x{args.height}x{args.width} video at {args.fps:g} fps, "
-        f"{result['frames_scored']} face frames ({config.face_backend}), flow {config.flow} at {flow_size}"
+        f"{result['frames_scored']} face frames ({config.faces.backend}), flow {config.flow} at {flow_size}"
     )
     print(
         f"bench-metrics: all offline metrics {total:.2f} s per video "

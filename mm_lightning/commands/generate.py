@@ -72,11 +72,12 @@ def check_memory_options(offload: str, int8: bool) -> None:
 def run(args) -> int:
     import torch
 
+    from mm_lightning.config import FacesConfig
     from mm_lightning.data.media import read_image
     from mm_lightning.evaluation.video_io import write_video
-    from mm_lightning.faces import build_face_analyzer
+    from mm_lightning.faces import face_analyzer
     from mm_lightning.module import MagicMirrorModule
-    from mm_lightning.pipeline import offload, quantize_int8, reference_inputs, sample_video
+    from mm_lightning.pipeline import face_inputs, offload, quantize_int8, sample_video
     from mm_lightning.text import identity_token_mask
 
     check_memory_options(args.offload, args.int8)
@@ -87,12 +88,12 @@ def run(args) -> int:
     if checkpoint is None:
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     faces_cfg = checkpoint["mm_config"]["faces"]
-    analyzer = build_face_analyzer(faces_cfg["backend"], faces_cfg["insightface_root"], faces_cfg["insightface_model"])
-    for image, name in zip(images, args.image):  # before loading any model: a photo without a face stops here
-        analyzer.require_face(image, name)
+    analyzer = face_analyzer(FacesConfig(**faces_cfg))
+    # Before loading any model: a photo without a face stops here. The faces found feed the pipeline.
+    faces = [analyzer.require_face(image, name) for image, name in zip(images, args.image)]
 
     module = MagicMirrorModule.from_checkpoint(
-        args.checkpoint,
+        checkpoint,  # loaded once, above
         args.overrides,
         args.experiment,
         args.profile,
@@ -101,9 +102,7 @@ def run(args) -> int:
     )
     print(f"weights: {module.loaded_weights}")
     cfg = module.cfg
-    ref_pixels, id_embedding = reference_inputs(
-        analyzer, images, module.transformer.face_encoder.clip_image_size, args.image
-    )
+    ref_pixels, id_embedding = face_inputs(images, faces, module.transformer.face_encoder.clip_image_size)
     mask = identity_token_mask(
         module.tokenizer,
         [args.prompt],

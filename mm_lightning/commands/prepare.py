@@ -51,7 +51,7 @@ def warm_face_cache(cfg, out: Path, kinds: set[str]) -> None:
 def run(args) -> int:
     from mm_lightning.data.prepare import pipeline, report
     from mm_lightning.data.prepare.scan import scan_input, shard
-    from mm_lightning.faces import build_face_analyzer
+    from mm_lightning.faces import face_analyzer
 
     start = time.perf_counter()
     cfg = config_from_args(args)
@@ -70,9 +70,7 @@ def run(args) -> int:
         files, ignored = scan_input(args.input.resolve(), out)
         files = shard(files, args.num_shards, args.shard_index)
         out.mkdir(parents=True, exist_ok=True)
-        make_analyzer = functools.partial(
-            build_face_analyzer, cfg.faces.backend, cfg.faces.insightface_root, cfg.faces.insightface_model
-        )
+        make_analyzer = functools.partial(face_analyzer, OmegaConf.to_object(cfg.faces))  # picklable for workers
         make_motion = functools.partial(motion_scorer, cfg.eval.flow, cfg.eval.flow_max_side)
         results = pipeline.process_files(
             files, args.input.resolve(), out, settings, cfg.prepare.num_workers, make_analyzer, make_motion

@@ -117,12 +117,16 @@ def _row(data, folder: Path) -> Row:
 
 
 def evaluator_config(args: argparse.Namespace):
+    from mm_lightning.config import FacesConfig
     from mm_lightning.evaluation.suite import EvaluatorConfig
 
-    given = {
-        "face_backend": args.face_backend,
+    faces = {
+        "backend": args.face_backend,
         "insightface_root": args.insightface_root,
         "insightface_model": args.insightface_model,
+    }
+    given = {
+        "faces": FacesConfig(**{k: v for k, v in faces.items() if v is not None}),
         "clip_path": args.clip_path,
         "flow": args.flow,
         "flow_weights": args.flow_weights,

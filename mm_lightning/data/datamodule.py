@@ -6,11 +6,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from mm_lightning.config import FacesConfig
 from mm_lightning.data.dataset import FaceDataset, collate
 from mm_lightning.data.demo import ensure_demo_dataset
 from mm_lightning.data.faces_cache import load_or_build_face_cache
 from mm_lightning.data.formats import read_metadata
-from mm_lightning.faces import build_face_analyzer
+from mm_lightning.faces import face_analyzer
 
 
 class MagicMirrorDataModule(L.LightningDataModule):
@@ -31,9 +32,7 @@ class MagicMirrorDataModule(L.LightningDataModule):
         batch_size: int = 2,
         num_workers: int = 0,
         clip_image_size: int = 224,
-        face_backend: str = "dlib",
-        insightface_root: str | None = None,
-        insightface_model: str = "antelopev2",
+        faces: FacesConfig | None = None,
         seed: int = 0,
         fps: float = 8.0,
         face_probe_frames: int = 16,
@@ -45,19 +44,22 @@ class MagicMirrorDataModule(L.LightningDataModule):
         self.frames, self.height, self.width, self.fps = frames, height, width, fps
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.clip_image_size, self.face_probe_frames = clip_image_size, face_probe_frames
-        self.face_backend, self.insightface_model = face_backend, insightface_model
-        self.insightface_root = insightface_root
+        self.faces = faces or FacesConfig()
         self.skipped: dict[str, int] = {}
 
     def _analyzer(self):
-        return build_face_analyzer(self.face_backend, self.insightface_root, self.insightface_model)
+        return face_analyzer(self.faces)
 
     def setup(self, stage: str | None = None):
         # Every rank runs this: demo generation and the face pass are deterministic and write
         # atomically, so ranks racing each other still end with one complete copy.
         root = Path(self.root) if self.root else ensure_demo_dataset(self.cache_dir)
         rows = read_metadata(root)
-        backend = self.face_backend if self.face_backend == "dlib" else f"{self.face_backend}-{self.insightface_model}"
+        backend = (
+            self.faces.backend
+            if self.faces.backend == "dlib"
+            else f"{self.faces.backend}-{self.faces.insightface_model}"
+        )
         cache = load_or_build_face_cache(root, rows, backend, self._analyzer, self.face_probe_frames)
         self.skipped = cache.skipped(rows, self.kind)
         self.dataset = FaceDataset(

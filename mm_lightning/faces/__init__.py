@@ -7,6 +7,7 @@ from mm_lightning.faces.analysis import (
     InsightFaceAnalyzer,
     NoFaceError,
     build_face_analyzer,
+    face_analyzer,
     mean_identity_embedding,
 )
 from mm_lightning.faces.arcface import DifferentiableArcFace, differentiable_embedder
@@ -21,6 +22,7 @@ __all__ = [
     "NoFaceError",
     "build_face_analyzer",
     "differentiable_embedder",
+    "face_analyzer",
     "face_crop",
     "face_mask",
     "mean_identity_embedding",

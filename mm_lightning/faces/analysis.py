@@ -200,6 +200,11 @@ def build_face_analyzer(
     raise ValueError(f"unknown face backend {backend!r}; choose one of {BACKENDS}")
 
 
+def face_analyzer(faces) -> FaceAnalyzer:
+    """The analyzer a faces-settings object names (`config.FacesConfig`, or a config's `faces` section)."""
+    return build_face_analyzer(faces.backend, faces.insightface_root, faces.insightface_model)
+
+
 @functools.cache
 def _cached_analyzer(backend, root, model_name, det_size) -> FaceAnalyzer:
     if backend == "dlib":

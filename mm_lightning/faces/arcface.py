@@ -81,12 +81,11 @@ class DifferentiableArcFace(torch.nn.Module):
         return F.normalize(self.net((pixels - self.input_mean) / self.input_std), dim=-1)
 
 
-def differentiable_embedder(
-    backend: str, insightface_root=None, insightface_model: str = "antelopev2"
-) -> DifferentiableArcFace | None:
-    """Torch ArcFace for the identity loss; None for dlib, whose embedder is not differentiable."""
-    if backend == "dlib":
+def differentiable_embedder(faces) -> DifferentiableArcFace | None:
+    """Torch ArcFace for the identity loss, from a faces-settings object (`config.FacesConfig` or a config's
+    `faces` section); None for dlib, whose embedder is not differentiable."""
+    if faces.backend == "dlib":
         return None
-    if backend == "insightface":
-        return DifferentiableArcFace.from_insightface_root(insightface_root, insightface_model)
-    raise ValueError(f"unknown face backend {backend!r}; choose one of {BACKENDS}")
+    if faces.backend == "insightface":
+        return DifferentiableArcFace.from_insightface_root(faces.insightface_root, faces.insightface_model)
+    raise ValueError(f"unknown face backend {faces.backend!r}; choose one of {BACKENDS}")

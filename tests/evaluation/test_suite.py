@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from mm_lightning.config import FacesConfig
 from mm_lightning.evaluation.suite import EvaluatorConfig
 from mm_lightning.evaluation.synthetic import astronaut, camera, grace_hopper
 from mm_lightning.faces import NoFaceError
@@ -76,5 +77,5 @@ def test_grace_hopper_reference_prefers_her_clip(evaluator, astronaut_static, ho
 
 def test_config_from_the_experiment_eval_section():
     section = {"enabled": True, "frames_sampled": 8, "flow": "farneback", "clip_path": None, "no_face_similarity": None}
-    config = EvaluatorConfig.from_mapping(section, face_backend="insightface", frames_sampled=4)
-    assert (config.frames_sampled, config.no_face_similarity, config.face_backend) == (4, None, "insightface")
+    config = EvaluatorConfig.from_mapping(section, faces=FacesConfig(backend="insightface"), frames_sampled=4)
+    assert (config.frames_sampled, config.no_face_similarity, config.faces.backend) == (4, None, "insightface")

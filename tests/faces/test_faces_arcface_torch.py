@@ -8,6 +8,7 @@ import pytest
 import torch
 from insightface.model_zoo import get_model
 
+from mm_lightning.config import FacesConfig
 from mm_lightning.faces import DifferentiableArcFace, differentiable_embedder
 from tests.faces.onnx_models import make_arcface_onnx, make_insightface_root
 
@@ -51,11 +52,11 @@ def test_gradients_reach_input_only(tmp_path):
 
 def test_from_insightface_root_uses_pack_recogniser(tmp_path):
     root = make_insightface_root(tmp_path)
-    model = differentiable_embedder("insightface", root, "antelopev2")
+    model = differentiable_embedder(FacesConfig("insightface", str(root), "antelopev2"))
     assert isinstance(model, DifferentiableArcFace)
     assert model(torch.zeros(1, 3, 112, 112)).shape == (1, 512)
-    assert differentiable_embedder("dlib", None, "antelopev2") is None
+    assert differentiable_embedder(FacesConfig("dlib")) is None
     with pytest.raises(ValueError, match="dlib.*insightface"):
-        differentiable_embedder("facenet", root, "antelopev2")
+        differentiable_embedder(FacesConfig("facenet", str(root)))
     torchvision = sys.modules.get("torchvision")
     assert torchvision is None or torchvision.__spec__ is not None  # the import stub (no spec) must not leak

@@ -125,6 +125,11 @@ def face_recognition(monkeypatch):
     monkeypatch.setitem(sys.modules, "pkg_resources", stand_in)
     for name in [m for m in sys.modules if m.split(".")[0] in ("face_recognition", "face_recognition_models")]:
         monkeypatch.delitem(sys.modules, name)
+    from PIL import ImageFile
+
+    # face_recognition's import sets PIL's global LOAD_TRUNCATED_IMAGES = True, which would let later tests
+    # decode truncated files; monkeypatch puts the flag back after the test.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", ImageFile.LOAD_TRUNCATED_IMAGES)
     import face_recognition
 
     return face_recognition
