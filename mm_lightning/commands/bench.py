@@ -28,7 +28,9 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mm_lightning.commands.common import add_experiment_arguments, config_from_args
 
@@ -212,41 +214,44 @@ def _measure(name: str, train_step, infer_step, flops: dict, args, peak: float, 
     return row
 
 
-def run(args) -> int:
-    import diffusers
+@dataclass
+class BenchSetup:
+    """Shapes, inputs and settings shared by the bare and the adapted measurement."""
+
+    cfg: Any
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    tconf: dict  # the transformer's config
+    batch: int
+    latent_shape: list  # [batch, frames, channels, h, w]
+    checkpointing: bool
+    peak_tflops: float
+    device_name: str
+    backends: list  # SDPA kernels allowed while timing
+    rotary: Any  # rotary embeddings as CogVideoXPipeline prepares them, or None
+    train_inputs: tuple  # (latents, text, timesteps) at the batch
+    infer_inputs: tuple  # the same at twice the batch (classifier-free guidance)
+
+
+def setup(args) -> BenchSetup:
     import torch
-    from diffusers import CogVideoXTransformer3DModel
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from torch.nn.attention import SDPBackend
 
-    from mm_lightning.models.loading import _plain, build_magicmirror
-    from mm_lightning.models.magicmirror import compile_blocks
+    from mm_lightning.models.loading import _plain
 
     device, dtype = torch.device(args.device), torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: bench needs a CUDA GPU")
-        return 2
     cfg = config_from_args(args)
-    arch = cfg.architecture
     stage = cfg.curriculum.stages["video_finetune" if args.stage == "video" else "image_pretrain"]
     batch = args.batch_size or (1 if args.stage == "video" else 8)
-    tconf = _plain(arch.transformer)
+    tconf = _plain(cfg.architecture.transformer)
     frames = 1 if args.stage == "image" else (stage.frames - 1) // tconf["temporal_compression_ratio"] + 1
     p_t = tconf.get("patch_size_t")
     if p_t:  # CogVideoX 1.5: latent frames padded to a multiple of patch_size_t (module.pad_to_temporal_patch)
         frames += -frames % p_t
     h, w = stage.height // 8, stage.width // 8
-    checkpointing = bool(cfg.trainer.gradient_checkpointing)
     torch.manual_seed(0)
-    peak = matmul_peak_tflops(device)
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    print(
-        f"{device_name}: bf16 matmul peak {peak:.0f} TFLOP/s; latents [{batch}, {frames}, "
-        f"{tconf['in_channels']}, {h}, {w}] + {tconf['max_text_seq_length']} text tokens",
-        flush=True,
-    )
 
     def inputs(b):
         latents = torch.randn(b, frames, tconf["in_channels"], h, w, device=device, dtype=dtype)
@@ -272,10 +277,46 @@ def run(args) -> int:
             (h // p, w // p), tconf["sample_width"] // p, tconf["sample_height"] // p
         )
         rotary = get_3d_rotary_pos_embed(tconf["attention_head_dim"], crops, (h // p, w // p), frames, device=device)
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    if device.type != "cuda":
+        backends.append(SDPBackend.MATH)
+    s = BenchSetup(
+        cfg=cfg,
+        device=device,
+        dtype=dtype,
+        tconf=tconf,
+        batch=batch,
+        latent_shape=[batch, frames, tconf["in_channels"], h, w],
+        checkpointing=bool(cfg.trainer.gradient_checkpointing),
+        peak_tflops=matmul_peak_tflops(device),
+        device_name=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        backends=backends,
+        rotary=rotary,
+        train_inputs=inputs(batch),
+        infer_inputs=inputs(2 * batch),
+    )
+    print(
+        f"{s.device_name}: bf16 matmul peak {s.peak_tflops:.0f} TFLOP/s; latents {s.latent_shape} + "
+        f"{tconf['max_text_seq_length']} text tokens",
+        flush=True,
+    )
+    return s
 
-    def build_base():
-        with torch.device(device):  # random init straight on the GPU
-            return CogVideoXTransformer3DModel.from_config(tconf).to(dtype).requires_grad_(False)
+
+def build_base(s: BenchSetup):
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device(s.device):  # random init straight on the GPU
+        return CogVideoXTransformer3DModel.from_config(s.tconf).to(s.dtype).requires_grad_(False)
+
+
+def measure_bare(s: BenchSetup, args) -> dict:
+    """The bare frozen backbone: FLOPs (checked against the analytic count), then timings."""
+    import torch
+    from torch.nn.attention import sdpa_kernel
+
+    from mm_lightning.models.magicmirror import compile_blocks
 
     class ContiguousInputs(torch.nn.Module):
         """Runs a block on copies of its two streams with standard strides, as MagicMirrorTransformer
@@ -286,30 +327,27 @@ def run(args) -> int:
             self.block = block
 
         def forward(self, hidden_states, encoder_hidden_states, *args, **kwargs):
-            standard = lambda x: x.clone(memory_format=torch.contiguous_format)  # noqa: E731
+            def standard(x):
+                return x.clone(memory_format=torch.contiguous_format)
+
             return self.block(standard(hidden_states), standard(encoder_hidden_states), *args, **kwargs)
 
-    lat, text, t = inputs(batch)
-    lat2, text2, t2 = inputs(2 * batch)
-    analytic = analytic_bare_flops(tconf, batch, frames, h, w, checkpointing)
-    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    if device.type != "cuda":
-        backends.append(SDPBackend.MATH)
-    results = {}
-    # --- bare frozen backbone
-    base = build_base()
-    if checkpointing:
+    (lat, text, t), (lat2, text2, t2) = s.train_inputs, s.infer_inputs
+    base = build_base(s)
+    if s.checkpointing:
         base.enable_gradient_checkpointing()
 
     def bare_train():
         x = lat.clone().requires_grad_(True)  # frozen weights: backward runs the input gradients only
-        base(x, text, t, image_rotary_emb=rotary, return_dict=False)[0].float().pow(2).mean().backward()
+        base(x, text, t, image_rotary_emb=s.rotary, return_dict=False)[0].float().pow(2).mean().backward()
 
     @torch.no_grad()
     def bare_infer():
-        base(lat2, text2, t2, image_rotary_emb=rotary, return_dict=False)
+        base(lat2, text2, t2, image_rotary_emb=s.rotary, return_dict=False)
 
     flops = {"train": _count_flops(bare_train), "infer_cfg": _count_flops(bare_infer)}
+    _, frames, _, h, w = s.latent_shape
+    analytic = analytic_bare_flops(s.tconf, s.batch, frames, h, w, s.checkpointing)
     print(
         f"bare FLOPs counted / analytic: training step {flops['train']:.3e} / {analytic['train']:.3e}, "
         f"inference+CFG {flops['infer_cfg']:.3e} / {analytic['infer_cfg']:.3e}",
@@ -319,46 +357,57 @@ def run(args) -> int:
         compile_blocks(base.transformer_blocks)
         # diffusers hands block 0 slices of the patch embedding; later blocks get fresh tensors.
         base.transformer_blocks[0] = ContiguousInputs(base.transformer_blocks[0])
-    with sdpa_kernel(backends):
-        results["bare"] = _measure("bare", bare_train, bare_infer, flops, args, peak, device)
-    base = None  # frees the bare model (the closures above share its cell) before the adapted one is built
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    with sdpa_kernel(s.backends):
+        row = _measure("bare", bare_train, bare_infer, flops, args, s.peak_tflops, s.device)
+    row["analytic_flops"] = analytic
+    return row
 
-    # --- adapted model: same backbone architecture + MagicMirror
-    with torch.device(device):
-        clip = CLIPVisionModel(CLIPVisionConfig(**_plain(arch.image_encoder))).to(dtype)
-        model = build_magicmirror(cfg, build_base(), clip).to(dtype)
-    model.gradient_checkpointing = checkpointing
+
+def measure_adapted(s: BenchSetup, args) -> dict:
+    """The adapted model (the experiment's MagicMirror on the same backbone architecture)."""
+    import torch
+    from torch.nn.attention import sdpa_kernel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mm_lightning.models.loading import _plain, build_magicmirror
+    from mm_lightning.models.magicmirror import compile_blocks
+
+    (lat, text, t), (lat2, text2, t2) = s.train_inputs, s.infer_inputs
+    with torch.device(s.device):
+        clip = CLIPVisionModel(CLIPVisionConfig(**_plain(s.cfg.architecture.image_encoder))).to(s.dtype)
+        model = build_magicmirror(s.cfg, build_base(s), clip).to(s.dtype)
+    model.gradient_checkpointing = s.checkpointing
     size = clip.config.image_size
-    id_dim = (
-        model.face_encoder.id_perceiver.token_proj[0].in_features
-        if model.face_encoder.id_perceiver is not None
-        else 512
-    )
-    mask = torch.zeros(batch, tconf["max_text_seq_length"], device=device)
+    id_perceiver = model.face_encoder.id_perceiver
+    id_dim = id_perceiver.token_proj[0].in_features if id_perceiver is not None else 512
+    mask = torch.zeros(s.batch, s.tconf["max_text_seq_length"], device=s.device)
     mask[:, 2] = 1
-    ref = torch.rand(batch, 3, size, size, device=device, dtype=dtype)
-    ids = torch.randn(batch, id_dim, device=device, dtype=dtype)
+    ref = torch.rand(s.batch, 3, size, size, device=s.device, dtype=s.dtype)
+    ids = torch.randn(s.batch, id_dim, device=s.device, dtype=s.dtype)
 
     def adapted_train():
         x = lat.clone().requires_grad_(True)
         face = model.encode_face(ref, ids, mask)  # CLIP under no_grad inside; perceivers trained
-        model(x, text, t, image_rotary_emb=rotary, face=face)[0].float().pow(2).mean().backward()
+        model(x, text, t, image_rotary_emb=s.rotary, face=face)[0].float().pow(2).mean().backward()
         model.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def adapted_infer():
         face = model.encode_face(ref, ids, mask).for_guidance()
-        model(lat2, text2, t2, image_rotary_emb=rotary, face=face)
+        model(lat2, text2, t2, image_rotary_emb=s.rotary, face=face)
 
     flops = {"train": _count_flops(adapted_train), "infer_cfg": _count_flops(adapted_infer)}
     if args.compile:
         compile_blocks(model.base.transformer_blocks)
-    with sdpa_kernel(backends):
-        results["adapted"] = _measure("adapted", adapted_train, adapted_infer, flops, args, peak, device)
+    with sdpa_kernel(s.backends):
+        return _measure("adapted", adapted_train, adapted_infer, flops, args, s.peak_tflops, s.device)
 
-    bare, adapted = results["bare"], results["adapted"]
+
+def report(s: BenchSetup, args, bare: dict, adapted: dict) -> None:
+    """Prints the adapted/bare ratios; writes <out-dir>/<profile>_<stage>_b<batch>[_compiled].{json,md}."""
+    import diffusers
+    import torch
+
     ratios = {
         "train_ratio": adapted["train_step_s"] / bare["train_step_s"],
         "infer_cfg_ratio": adapted["infer_cfg_step_s"] / bare["infer_cfg_step_s"],
@@ -368,32 +417,47 @@ def run(args) -> int:
         f"adapted/bare: training step {ratios['train_ratio']:.3f} (FLOPs {ratios['train_flops_ratio']:.3f}), "
         f"inference step with CFG {ratios['infer_cfg_ratio']:.3f}"
     )
-    report = {
+    bare = dict(bare)
+    result = {
         "date": datetime.date.today().isoformat(),
-        "device": device_name,
+        "device": s.device_name,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
-        "experiment": cfg.experiment,
-        "profile": cfg.profile,
+        "experiment": s.cfg.experiment,
+        "profile": s.cfg.profile,
         "stage": args.stage,
-        "batch_size": batch,
+        "batch_size": s.batch,
         "compiled": args.compile,
-        "gradient_checkpointing": checkpointing,
-        "latents": [batch, frames, tconf["in_channels"], h, w],
-        "matmul_peak_tflops": peak,
-        "analytic_bare_flops": analytic,
-        **results,
+        "gradient_checkpointing": s.checkpointing,
+        "latents": s.latent_shape,
+        "matmul_peak_tflops": s.peak_tflops,
+        "analytic_bare_flops": bare.pop("analytic_flops"),
+        "bare": bare,
+        "adapted": adapted,
         **ratios,
     }
     if args.compile:
-        report["compile_counters"] = _compile_counters()
-    name = f"{cfg.profile}_{args.stage}_b{batch}{'_compiled' if args.compile else ''}"
+        result["compile_counters"] = _compile_counters()
+    name = f"{s.cfg.profile}_{args.stage}_b{s.batch}{'_compiled' if args.compile else ''}"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{name}.md").write_text(_markdown(report))
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(_markdown(result))
     print(f"wrote {out / name}.json and .md")
+
+
+def run(args) -> int:
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: bench needs a CUDA GPU")
+        return 2
+    s = setup(args)
+    bare = measure_bare(s, args)
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()  # the bare model is gone with measure_bare: room for the adapted one
+    report(s, args, bare, measure_adapted(s, args))
     return 0
 
 
