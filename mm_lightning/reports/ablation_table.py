@@ -25,9 +25,10 @@ from mlflow import MlflowClient
 from mm_lightning.tracking import TAG_FINAL_STAGE, TAG_MATRIX, TAG_MATRIX_ID, TAG_ROLE, TAG_SEED, TAG_VARIANT
 
 TABLE3_METRICS = ("text_alignment", "fm_inter", "id_similarity")  # the columns of the paper's Table 3
-# Table 3's columns plus the identity-reliance probe (mm_lightning/reliance.py), which moves even
-# where the sampled metrics can't (tiny models' videos hold no detectable face).
-DEFAULT_METRICS = (*TABLE3_METRICS, "id_reliance")
+# Table 3's columns, then the face-normalised facial motion (motion apart from framing), the share of sampled
+# frames with a detected face (what id_similarity is averaged over), and the identity-reliance probe
+# (mm_lightning/reliance.py), which moves even where the sampled metrics can't (tiny models' videos hold no face).
+DEFAULT_METRICS = (*TABLE3_METRICS, "fm_inter_face", "face_rate", "id_reliance")
 BASELINE = "full"
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}  # format -> artifact file extension
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
