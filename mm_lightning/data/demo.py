@@ -23,11 +23,11 @@ import tempfile
 from pathlib import Path
 
 import cv2
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
 from mm_lightning.data.formats import METADATA
+from mm_lightning.data.media import write_mp4
 
 VERSION = 2  # bump when the generated content changes: the folder name carries it
 SIZE, CLIP_FRAMES, CLIP_FPS, SEED = 256, 20, 8, 1234
@@ -126,26 +126,6 @@ def _write_jpg(path: Path, image: np.ndarray):
     Image.fromarray(image).save(path, quality=95)
 
 
-def _write_mp4(path: Path, frames: list[np.ndarray]):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # One thread + bitexact flags: x264 output and container metadata are then byte-identical.
-    writer = imageio_ffmpeg.write_frames(
-        str(path),
-        (SIZE, SIZE),
-        fps=CLIP_FPS,
-        codec="libx264",
-        pix_fmt_out="yuv420p",
-        quality=None,
-        macro_block_size=16,
-        ffmpeg_log_level="error",
-        output_params=["-crf", "18", "-threads", "1", "-fflags", "+bitexact", "-flags:v", "+bitexact"],
-    )
-    writer.send(None)  # start the ffmpeg process
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
-
-
 def _generate(out: Path):
     rows = []
     identities = _identities()
@@ -170,7 +150,7 @@ def _generate(out: Path):
         name, who, photo, box = identities[i]
         rng = np.random.default_rng([SEED, i, 100 + c])
         video = f"videos/{name}_{c}.mp4"
-        _write_mp4(out / video, _clip(photo, box, rng))
+        write_mp4(out / video, _clip(photo, box, rng), CLIP_FPS)
         row = {
             "kind": "video",
             "video": video,

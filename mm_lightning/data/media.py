@@ -4,6 +4,7 @@ from pathlib import Path
 
 import cv2
 import decord
+import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -32,6 +33,30 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as err:  # what PIL raises on corrupt or truncated files
         raise MediaReadError(f"cannot decode image {path}: {err}") from err
+
+
+def write_mp4(path: str | Path, frames, fps: float) -> None:
+    """H.264 mp4 (crf 18, yuv420p) of uint8 RGB frames [T, H, W, 3], cropped to even sides as yuv420p needs.
+    One encoder thread and bitexact flags: the same frames always give the same bytes (the demo set is
+    regenerated bit for bit; prepare's re-runs are reproducible)."""
+    path = Path(path)
+    h, w = frames[0].shape[0] // 2 * 2, frames[0].shape[1] // 2 * 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = imageio_ffmpeg.write_frames(
+        str(path),
+        (w, h),
+        fps=fps,
+        codec="libx264",
+        pix_fmt_out="yuv420p",
+        quality=None,
+        macro_block_size=1,
+        ffmpeg_log_level="error",
+        output_params=["-crf", "18", "-threads", "1", "-fflags", "+bitexact", "-flags:v", "+bitexact"],
+    )
+    writer.send(None)  # start the ffmpeg process
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame[:h, :w]))
+    writer.close()
 
 
 def open_video(path: str | Path) -> decord.VideoReader:

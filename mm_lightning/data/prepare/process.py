@@ -14,11 +14,10 @@ from pathlib import Path
 
 import cv2
 import decord
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
-from mm_lightning.data.media import read_image
+from mm_lightning.data.media import read_image, write_mp4
 from mm_lightning.data.prepare.faces import Drop, ShrunkAnalyzer, clip_faces, face_side, image_face
 from mm_lightning.data.prepare.scan import InputFile
 from mm_lightning.data.prepare.shots import brightness, clip_windows, detect_shots, sharpness
@@ -38,27 +37,6 @@ def init_worker(make_analyzer, make_motion, max_side):
 def _write_jpg(path: Path, image: np.ndarray):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path, quality=95)
-
-
-def _write_mp4(path: Path, frames: np.ndarray, fps: float):
-    """H.264 (crf 18, yuv420p), cropped to even sides as yuv420p needs."""
-    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = imageio_ffmpeg.write_frames(
-        str(path),
-        (w, h),
-        fps=fps,
-        codec="libx264",
-        pix_fmt_out="yuv420p",
-        quality=None,
-        macro_block_size=1,
-        ffmpeg_log_level="error",
-        output_params=["-crf", "18", "-threads", "1"],
-    )
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame[:h, :w]))
-    writer.close()
 
 
 def _stem(f: InputFile, key: str) -> str:
@@ -141,7 +119,7 @@ def _process_video(f: InputFile, raw: Path, out: Path, key: str, s: dict) -> tup
             except Drop as e:
                 drops.append({"what": f"{f.path}#shot{n}/clip{c}", "reason": str(e)})
                 continue
-            _write_mp4(out / f"clips/{name}.mp4", frames, s["fps"])
+            write_mp4(out / f"clips/{name}.mp4", frames, s["fps"])
             _write_jpg(out / f"keyframes/{name}.jpg", frames[keyframe])
             items.append(
                 {
