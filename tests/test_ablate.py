@@ -117,15 +117,43 @@ def test_pair_states_come_from_the_tracking_store(tmp_path):
     }
 
 
-def _cli(workdir: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+def _env(workdir: Path) -> dict:
+    """The command's environment: this checkout first on the path, the tracking store inside `workdir`."""
     env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlruns/mlflow.db")
     env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def _cli(workdir: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "mm_lightning", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "mm_lightning", *args],
+        cwd=workdir,
+        env=_env(workdir),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def _start_until_checkpoint(workdir: Path, args: list[str], variant: str) -> subprocess.Popen:
+    """`python -m mm_lightning *args` in its own session, returned once `variant`'s seed-0 fit has written
+    a last.ckpt (or after 10 minutes)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mm_lightning", *args],
+        cwd=workdir,
+        env=_env(workdir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(workdir.glob(f"runs/{variant}/*/seed0/checkpoints/*/last.ckpt")):
+        time.sleep(0.1)
+    return proc
 
 
 @pytest.mark.slow
@@ -143,20 +171,7 @@ def test_a_sigkilled_pair_is_the_only_one_that_runs_again(tmp_path):
         "curriculum.stages.video_finetune.max_steps=4",
         "trainer.checkpoint_every_n_steps=4",
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    env.pop("PYTEST_CURRENT_TEST", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mm_lightning", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 600
-    while time.time() < deadline and not list(tmp_path.glob("runs/no_can/*/seed0/checkpoints/*/last.ckpt")):
-        time.sleep(0.1)
+    proc = _start_until_checkpoint(tmp_path, args, "no_can")
     # The no_can pair's fit, among this ablate's own descendants (launcher, job, fit).
     (fit,) = [
         p
@@ -175,7 +190,7 @@ def test_a_sigkilled_pair_is_the_only_one_that_runs_again(tmp_path):
     out = _cli(tmp_path, *args).stdout
     assert "full seed=0 ... skipped (finished)" in out
     assert re.search(r"\[1/1\] no_can seed=0 \.\.\. done in \d+s", out), out
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("ablation").experiment_id], "tags.`mm.role` = 'train'")
     # One run per pair: the killed pair resumed its own run, from its last checkpoint.
     assert sorted((r.data.tags["mm.variant"], r.info.status) for r in runs) == [
@@ -201,20 +216,7 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
         "curriculum.stages.video_finetune.max_steps=4",
         "trainer.checkpoint_every_n_steps=4",
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    env.pop("PYTEST_CURRENT_TEST", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mm_lightning", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 600
-    while time.time() < deadline and not list(tmp_path.glob("runs/full/*/seed0/checkpoints/*/last.ckpt")):
-        time.sleep(0.1)
+    proc = _start_until_checkpoint(tmp_path, args, "full")
     (job,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if "submitit.core._submit" in p.cmdline()]
     job.send_signal(signal.SIGUSR2)
     out = proc.communicate(timeout=900)[0]
@@ -222,6 +224,6 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     logs = "".join(p.read_text() for p in tmp_path.glob("runs/ablate/*/*_0_log.*"))
     assert "fit: stopped by SIGTERM in stage" in logs and "this job is preempted" in logs
     assert re.search(r"resuming stage \w+ from ", logs)
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("ablation").experiment_id], "tags.`mm.role` = 'train'")
     assert run.info.status == "FINISHED"
