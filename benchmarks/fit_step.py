@@ -15,7 +15,8 @@ snapshot's ArcFace-shaped ONNX converted by onnx2torch, as DifferentiableArcFace
 insightface's recogniser (the insightface pack itself needs a face detector a random snapshot
 can't stand in for). --sample then samples one video with the configured sampling settings
 through diffusers' pipeline over the module's models, and the bare CogVideoX-5B pipeline on
-the same settings, in the same process. Results go to benchmarks/<name>.json.
+the same settings, in the same process, and profiles one guided denoising step of each (torch.profiler,
+top ops by GPU time). Results go to benchmarks/<name>.json.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from mm_lightning.commands.snapshot import snapshot_config
 from mm_lightning.curriculum import frozen_models_needed, strategy
 from mm_lightning.data.latent_cache import open_cache
 from mm_lightning.memory import gib
-from mm_lightning.models.loading import frozen_dtype
+from mm_lightning.models.loading import frozen_dtype, sampling_scheduler
 from mm_lightning.module import MagicMirrorModule
 
 CUDA = torch.cuda.is_available()  # without a GPU (tiny profile) the script only dry-runs the code path
@@ -112,6 +113,7 @@ def train_steps(cfg, stage: str, args, identity: bool) -> dict:
         "world_size": world,
         "strategy": t.strategy,
         "precision": t.precision,
+        "optimizer": cfg.optim.name,
         "frozen_dtype": str(frozen_dtype(cfg)).removeprefix("torch."),
         "identity_loss": identity,
         "batch_per_device": s.batch_size,
@@ -129,27 +131,34 @@ def train_steps(cfg, stage: str, args, identity: bool) -> dict:
 
 @torch.no_grad()
 def sample(cfg) -> dict:
-    """One video through the module's pipeline, then the bare CogVideoX pipeline, same settings."""
+    """One video through the module's pipeline as `generate` runs it (every weight bf16, T5 on the GPU only
+    while it encodes the prompts), then the bare CogVideoX pipeline (T5 resident, as diffusers runs it) on the same
+    settings; then a torch.profiler summary of one denoising step (one guided transformer call) of each."""
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    from mm_lightning.pipeline import sample_video
+    from mm_lightning.pipeline import encode_prompts_then_load, sample_video
 
-    module = MagicMirrorModule(cfg, stage=cfg.curriculum.order[-1]).to(DEVICE).eval()
+    module = MagicMirrorModule(cfg, stage=cfg.curriculum.order[-1]).to(torch.bfloat16).eval()
     pipe = module.sampling_pipeline()
     size = module.transformer.face_encoder.clip_image_size
     ref, ids = torch.rand(1, 3, size, size), torch.nn.functional.normalize(torch.randn(512), dim=0)
     s = cfg.sampling
     rows = {}
     _reset_peak()
-    start = time.perf_counter()
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # trainable fp32, frozen bf16: as in training
-        frames = sample_video(pipe, cfg, "a man walking in a park", ref, ids, seed=0)
+    start = time.perf_counter()  # from the models on the CPU, as generate has them after loading
+    embeds = encode_prompts_then_load(pipe, cfg, "a man walking in a park", device=DEVICE)
+    frames = sample_video(pipe, cfg, "a man walking in a park", ref, ids, seed=0, prompt_embeds=embeds)
     _sync()
     rows["magicmirror"] = {
         "seconds": time.perf_counter() - start,
         "peak_gib": _peak_gib(),
         "frames": list(frames.shape),
+        "resident_gib_after": gib(torch.cuda.memory_allocated()) if CUDA else 0.0,
     }
+    step_inputs = _denoising_step_inputs(module, pipe, cfg, ref, ids)
+    rows["profile_magicmirror"] = _profile_step(module.transformer, step_inputs, face=step_inputs.pop("face"))
+    del module.transformer, module.pipe, pipe  # the bare run gets the GPU without the adapted model
+    module.text_encoder.to(DEVICE)
     bare_transformer = CogVideoXTransformer3DModel.from_pretrained(
         cfg.weights.transformer, torch_dtype=torch.bfloat16, local_files_only=True
     ).to(DEVICE)
@@ -158,10 +167,9 @@ def sample(cfg) -> dict:
         text_encoder=module.text_encoder,
         vae=module.vae,
         transformer=bare_transformer,
-        scheduler=pipe.scheduler,
+        scheduler=sampling_scheduler(s.scheduler, module.scheduler.config),
     )
     bare.set_progress_bar_config(disable=True)
-    del module.transformer, pipe
     bare.vae.enable_slicing()
     if s.vae_tiling:
         bare.vae.enable_tiling()
@@ -180,7 +188,9 @@ def sample(cfg) -> dict:
     ).frames[0]
     _sync()
     rows["bare"] = {"seconds": time.perf_counter() - start, "peak_gib": _peak_gib(), "frames": list(out.shape)}
+    rows["profile_bare"] = _profile_step(bare_transformer, step_inputs)
     rows["ratio"] = rows["magicmirror"]["seconds"] / rows["bare"]["seconds"]
+    rows["step_ratio"] = rows["profile_magicmirror"]["step_ms"] / rows["profile_bare"]["step_ms"]
     rows["settings"] = {
         "steps": s.num_inference_steps,
         "guidance_scale": s.guidance_scale,
@@ -191,6 +201,53 @@ def sample(cfg) -> dict:
         "vae_tiling": s.vae_tiling,
     }
     return rows
+
+
+def _denoising_step_inputs(module, pipe, cfg, ref, ids) -> dict:
+    """The transformer's inputs at one guided denoising step of the configured video ([uncond, cond] batch)."""
+    from mm_lightning.pipeline import encode_face
+    from mm_lightning.text import identity_token_mask
+
+    s, tconf = cfg.sampling, module.transformer.config
+    frames = (s.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+    h, w = s.height // pipe.vae_scale_factor_spatial, s.width // pipe.vae_scale_factor_spatial
+    latents = torch.randn(2, frames, tconf.in_channels, h, w, device=DEVICE, dtype=torch.bfloat16)
+    text = torch.randn(2, tconf.max_text_seq_length, tconf.text_embed_dim, device=DEVICE, dtype=torch.bfloat16)
+    mask = identity_token_mask(
+        module.tokenizer, ["a man walking"], cfg.model.identity_words, None, tconf.max_text_seq_length
+    )
+    face = encode_face(pipe, ref.unsqueeze(0), ids.unsqueeze(0), mask).for_guidance()
+    return {
+        "hidden_states": latents,
+        "encoder_hidden_states": text,
+        "timestep": torch.tensor([500, 500], device=DEVICE),
+        "image_rotary_emb": pipe._prepare_rotary_positional_embeddings(s.height, s.width, frames, DEVICE),
+        "face": face,
+    }
+
+
+def _profile_step(transformer, inputs: dict, top: int = 10, **extra) -> dict:
+    """Median time of one transformer call and torch.profiler's top ops by self GPU time (CPU time without one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    times = []
+    for _ in range(3):  # the first call warms up
+        _sync()
+        start = time.perf_counter()
+        transformer(**inputs, **extra, return_dict=False)
+        _sync()
+        times.append(1000 * (time.perf_counter() - start))
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as prof:
+        transformer(**inputs, **extra, return_dict=False)
+        _sync()
+    self_us = (lambda e: e.self_device_time_total) if CUDA else (lambda e: e.self_cpu_time_total)
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events)
+    ops = [
+        {"op": e.key, "calls": e.count, "ms": round(self_us(e) / 1000, 2), "share": round(self_us(e) / total, 3)}
+        for e in events[:top]
+    ]
+    return {"step_ms": statistics.median(times[1:]), "profiled_ms_total": round(total / 1000, 1), "top_ops": ops}
 
 
 def _reset_peak() -> None:
@@ -238,7 +295,7 @@ def main() -> None:
         return
     for run in report["runs"]:
         print(
-            f"{run['strategy']} x{run['world_size']} identity={run['identity_loss']}: "
+            f"{run['strategy']} x{run['world_size']} {run['optimizer']} identity={run['identity_loss']}: "
             f"{run['step_s_median']:.3f} s/step, "
             f"{run['samples_per_s']:.3f} samples/s, peak {max(run['peak_gib_per_rank']):.1f} GiB "
             f"(static {max(run['static_gib_per_rank']):.1f})",

@@ -3,7 +3,10 @@
 #   bash benchmarks/real_scale.sh fit      # 1 GPU: random 5B snapshot, fit both stages + checkpoint + kill + --resume
 #   bash benchmarks/real_scale.sh step     # 1 GPU: fit's step (with and without identity loss), bench on the same GPU
 #   bash benchmarks/real_scale.sh sample   # 1 GPU: one 49x480x720 video, MagicMirror vs the bare pipeline
-#   bash benchmarks/real_scale.sh multi    # 4 GPUs: fit's step under DDP on 1/2/4 GPUs, FSDP and ZeRO-2 on 2/4
+#   bash benchmarks/real_scale.sh optim    # 1 GPU: fit's step with 8-bit AdamW (torchao; carry its wheel)
+#   bash benchmarks/real_scale.sh generate # 1 GPU: generate's memory modes, MODES="none model sequential int8"
+#   bash benchmarks/real_scale.sh multi    # fit's step under MULTI="ddp 1,ddp 2,fsdp 2,deepspeed_stage_2 2"
+#   bash benchmarks/real_scale.sh snapshot # only the snapshot (before running modes side by side, one per GPU)
 # PROFILE=tiny runs the same commands on CPU-sized models (the dry run). Logs and JSON go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MLFLOW_TRACKING_URI=sqlite:////tmp/mm_mlflow.db
@@ -25,6 +28,7 @@ snapshot() {
 overrides() { python -c "from pathlib import Path; from mm_lightning.commands.snapshot import snapshot_overrides as o; print(' '.join(o(Path('$SNAP'))))"; }
 
 case "$1" in
+snapshot) snapshot ;;
 fit)
   snapshot || exit 1
   FIT="python -m mm_lightning fit --profile $PROFILE $(overrides) $EXTRA eval.enabled=false loss.identity_weight=0
@@ -65,17 +69,35 @@ sample)
   python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --steps 0 --sample --name sample_1gpu \
     --out-dir "$OUT" $EXTRA 2>&1 | quiet | tee "$OUT/sample_1gpu.log"
   ;;
+optim)
+  snapshot || exit 1
+  python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --steps 3 --warmup 2 \
+    --name fit_step_1gpu_adamw8bit --out-dir "$OUT" $EXTRA optim.name=adamw8bit 2>&1 | quiet \
+    | tee "$OUT/fit_step_1gpu_adamw8bit.log"
+  ;;
+generate)
+  snapshot || exit 1
+  for mode in ${MODES:-none model sequential int8}; do  # int8: --offload none --int8
+    [ "$mode" = int8 ] && args="--offload none --int8" || args="--offload $mode"
+    echo "=== generate_memory $args ${STEPS:+sampling.num_inference_steps=$STEPS}" | tee -a "$OUT/generate.log"
+    python benchmarks/generate_memory.py --profile "$PROFILE" --snapshot "$SNAP" $args --out-dir "$OUT" $EXTRA \
+      ${STEPS:+sampling.num_inference_steps=$STEPS} 2>&1 | quiet >> "$OUT/generate.log"
+    grep -E '"seconds"|"peak_allocated_gib"|Error' "$OUT/generate.log" | tail -n 2
+  done
+  ;;
 multi)
   snapshot || exit 1
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-  for run in "ddp 1" "ddp 4" "fsdp 4" "deepspeed_stage_2 4" "ddp 2" "fsdp 2"; do
+  LOG="$OUT/multi_$(python -c 'import torch; print(torch.cuda.device_count())')gpu.log"
+  IFS=, read -ra list <<< "${MULTI:-ddp 1,ddp 2,fsdp 2,deepspeed_stage_2 2}"  # 4 GPUs: ddp 4,fsdp 4,...
+  for run in "${list[@]}"; do
     set -- $run
-    echo "=== fit_step strategy=$1 devices=$2" | tee -a "$OUT/multi.log"
-    timeout 150 python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --steps 3 --warmup 2 \
+    echo "=== fit_step strategy=$1 devices=$2" | tee -a "$LOG"
+    timeout 180 python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --steps 3 --warmup 2 \
       --name "fit_step_${1}_${2}gpu" --out-dir "$OUT" $EXTRA trainer.strategy="$1" trainer.devices="$2" \
-      2>&1 | quiet >> "$OUT/multi.log"
-    grep -E "s/step|Error" "$OUT/multi.log" | tail -n 2
+      2>&1 | quiet >> "$LOG"
+    grep -E "s/step|Error" "$LOG" | tail -n 2
   done
   ;;
-*) echo "usage: $0 fit|sample|multi"; exit 2 ;;
+*) echo "usage: $0 snapshot|fit|step|sample|optim|generate|multi"; exit 2 ;;
 esac

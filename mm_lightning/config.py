@@ -10,6 +10,7 @@ anywhere on disk; a file composes over base.yaml exactly as a built-in does.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -135,6 +136,9 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    # "adamw": torch's AdamW (fp32 states, 8 bytes per trainable parameter); "adamw8bit": torchao's AdamW8bit
+    # (block-wise 8-bit states, 2 bytes per parameter; needs torchao installed)
+    name: str = "adamw"
     weight_decay: float = 1e-2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
@@ -476,6 +480,10 @@ def validate(cfg: DictConfig) -> None:
             "ema.enabled does not work with trainer.strategy=fsdp (Lightning's weight averaging "
             "needs unsharded weights); use ddp or deepspeed_stage_2"
         )
+    if cfg.optim.name not in ("adamw", "adamw8bit"):
+        raise ConfigError(f"optim.name must be adamw or adamw8bit, got {cfg.optim.name!r}")
+    if cfg.optim.name == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+        raise ConfigError("optim.name=adamw8bit needs torchao, which is not installed: pip install torchao==0.18.0")
     if cfg.optim.lr_schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"optim.lr_schedule must be cosine, linear or constant, got {cfg.optim.lr_schedule!r}")
     if cfg.trainer.keep_checkpoints < 1:

@@ -314,7 +314,7 @@ def strategy(cfg: DictConfig):
         from mm_lightning.models.adapter import MagicMirrorBlock
 
         # use_orig_params: frozen and trainable weights share the wrapped units.
-        return FSDPStrategy(auto_wrap_policy={CogVideoXBlock, MagicMirrorBlock}, use_orig_params=True)
+        return FSDPStrategy(auto_wrap_policy=BlockUnits(CogVideoXBlock, MagicMirrorBlock), use_orig_params=True)
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -322,6 +322,23 @@ def strategy(cfg: DictConfig):
         # (e.g. CAN in a variant without it) do not exist, so no unused-parameter search.
         return DDPStrategy(find_unused_parameters=False)
     return name  # "auto", "deepspeed_stage_2", ...
+
+
+class BlockUnits:
+    """FSDP's auto-wrap policy: one sharded unit per transformer block, an adapted block together with the
+    CogVideoX block inside it (MagicMirrorBlock calls that block's layers itself, not its forward, so they
+    must be gathered with it). FSDP visits a parent before its children: the parent names the inner block."""
+
+    def __init__(self, block_cls: type, adapted_cls: type):
+        self.block_cls, self.adapted_cls, self.inner = block_cls, adapted_cls, set()
+
+    def __call__(self, module, recurse: bool, nonwrapped_numel: int) -> bool:
+        if isinstance(module, self.adapted_cls):
+            self.inner.add(id(module.block))
+            return True
+        if id(module) in self.inner:
+            return False  # neither a unit of its own nor searched further
+        return recurse or isinstance(module, self.block_cls)
 
 
 def fit(cfg: DictConfig, resume: bool = False, tags: dict[str, str] | None = None) -> str:

@@ -172,7 +172,12 @@ class MagicMirrorModule(L.LightningModule):
         (the training loss draws them; the identity-reliance probe fixes them)."""
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         rotary = self.rotary(latents)
-        model_output = self.transformer(noisy, prompt_embeds, timesteps, image_rotary_emb=rotary, face=face)[0]
+        # Inputs in the backbone's dtype: under autocast this is the cast autocast makes anyway, and under
+        # DeepSpeed's bf16 (the whole model cast to bf16, no autocast) fp32 latents would meet bf16 weights.
+        dtype = self.transformer.dtype
+        model_output = self.transformer(
+            noisy.to(dtype), prompt_embeds.to(dtype), timesteps, image_rotary_emb=rotary, face=face
+        )[0]
         x0_pred = self.scheduler.get_velocity(model_output, noisy, timesteps)  # v-prediction -> x0 estimate
         alphas_cumprod = self.scheduler.alphas_cumprod.to(latents.device)[timesteps]
         weights = (1 / (1 - alphas_cumprod)).view(-1, 1, 1, 1, 1)
@@ -224,7 +229,9 @@ class MagicMirrorModule(L.LightningModule):
     def configure_optimizers(self):
         stage, optim = self.stage_cfg, self.cfg.optim
         params = [p for p in self.transformer.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        optimizer = optimizer_class(optim.name)(
+            params, lr=stage.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+        )
         total, warmup = max(stage.max_steps, 1), optim.warmup_steps
 
         def factor(step: int) -> float:
@@ -238,6 +245,16 @@ class MagicMirrorModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Under FSDP the gradients are sharded: FSDP's own clip_grad_norm_ takes the norm over every shard
+        (Lightning's FSDP precision refuses the Trainer's norm clipping). Elsewhere Lightning's clipping."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -256,6 +273,17 @@ class MagicMirrorModule(L.LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
         self.transformer.load_state_dict(weights, strict=False)
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """optim.name -> the optimiser. AdamW keeps two fp32 states per trainable parameter (about 13 GiB for
+    the 5B profile's 1.79B); torchao's AdamW8bit keeps them block-wise quantised to 8 bits (about 3.3 GiB),
+    the master weights and gradients staying fp32."""
+    if name == "adamw8bit":
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit
+    return torch.optim.AdamW
 
 
 def pad_to_temporal_patch(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:

@@ -2,12 +2,9 @@
 tracking store, and a real matrix through submitit with one pair SIGKILLed mid-run."""
 
 import argparse
-import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -19,8 +16,7 @@ from mm_lightning.ablation_matrix import load_matrix
 from mm_lightning.commands import ablate
 from mm_lightning.config import load_config
 from mm_lightning.tracking import RUN_LOCK_FILE, ensure_experiment, open_store
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import SHORT_TRAINING, run_cli, start_cli, store_uri, wait_for
 
 
 def _args(*argv):
@@ -117,42 +113,11 @@ def test_pair_states_come_from_the_tracking_store(tmp_path):
     }
 
 
-def _env(workdir: Path) -> dict:
-    """The command's environment: this checkout first on the path, the tracking store inside `workdir`."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlruns/mlflow.db")
-    env.pop("PYTEST_CURRENT_TEST", None)
-    return env
-
-
-def _cli(workdir: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "mm_lightning", *args],
-        cwd=workdir,
-        env=_env(workdir),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
 def _start_until_checkpoint(workdir: Path, args: list[str], variant: str) -> subprocess.Popen:
     """`python -m mm_lightning *args` in its own session, returned once `variant`'s seed-0 fit has written
-    a last.ckpt (or after 10 minutes)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mm_lightning", *args],
-        cwd=workdir,
-        env=_env(workdir),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 600
-    while time.time() < deadline and not list(workdir.glob(f"runs/{variant}/*/seed0/checkpoints/*/last.ckpt")):
-        time.sleep(0.1)
+    a last.ckpt."""
+    proc = start_cli(workdir, *args, stderr=subprocess.STDOUT)
+    wait_for(f"runs/{variant}/*/seed0/checkpoints/*/last.ckpt", workdir, proc)
     return proc
 
 
@@ -166,10 +131,7 @@ def test_a_sigkilled_pair_is_the_only_one_that_runs_again(tmp_path):
         "1",
         "--parallel",
         "2",
-        "eval.enabled=false",
-        "curriculum.stages.image_pretrain.max_steps=40",
-        "curriculum.stages.video_finetune.max_steps=4",
-        "trainer.checkpoint_every_n_steps=4",
+        *SHORT_TRAINING,
     ]
     proc = _start_until_checkpoint(tmp_path, args, "no_can")
     # The no_can pair's fit, among this ablate's own descendants (launcher, job, fit).
@@ -184,13 +146,13 @@ def test_a_sigkilled_pair_is_the_only_one_that_runs_again(tmp_path):
     assert re.search(r"full seed=0 \.\.\. done in \d+s", out)
     assert re.search(r"no_can seed=0 \.\.\. FAILED: RuntimeError: fit exited with -9", out), out[-3000:]
 
-    status = _cli(tmp_path, *args, "--status").stdout
+    status = run_cli(tmp_path, *args, "--status").stdout
     assert re.search(r"full seed=0\s+finished", status) and re.search(r"no_can seed=0\s+failed", status), status
 
-    out = _cli(tmp_path, *args).stdout
+    out = run_cli(tmp_path, *args).stdout
     assert "full seed=0 ... skipped (finished)" in out
     assert re.search(r"\[1/1\] no_can seed=0 \.\.\. done in \d+s", out), out
-    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(store_uri(tmp_path))
     runs = client.search_runs([client.get_experiment_by_name("ablation").experiment_id], "tags.`mm.role` = 'train'")
     # One run per pair: the killed pair resumed its own run, from its last checkpoint.
     assert sorted((r.data.tags["mm.variant"], r.info.status) for r in runs) == [
@@ -211,10 +173,7 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
         "full",
         "--seeds",
         "1",
-        "eval.enabled=false",
-        "curriculum.stages.image_pretrain.max_steps=40",
-        "curriculum.stages.video_finetune.max_steps=4",
-        "trainer.checkpoint_every_n_steps=4",
+        *SHORT_TRAINING,
     ]
     proc = _start_until_checkpoint(tmp_path, args, "full")
     (job,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if "submitit.core._submit" in p.cmdline()]
@@ -224,6 +183,6 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     logs = "".join(p.read_text() for p in tmp_path.glob("runs/ablate/*/*_0_log.*"))
     assert "fit: stopped by SIGTERM in stage" in logs and "this job is preempted" in logs
     assert re.search(r"resuming stage \w+ from ", logs)
-    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(store_uri(tmp_path))
     (run,) = client.search_runs([client.get_experiment_by_name("ablation").experiment_id], "tags.`mm.role` = 'train'")
     assert run.info.status == "FINISHED"

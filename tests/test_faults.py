@@ -4,11 +4,8 @@ tracking stores, a store that goes away mid-run, corrupt checkpoints."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,60 +14,13 @@ from mlflow import MlflowClient
 from mm_lightning.cli import main
 from mm_lightning.curriculum import ResumeError, _latest_checkpoint
 from mm_lightning.tracking import BACKLOG_FILE, RunClient, ensure_experiment, open_store, sync_run
-
-REPO = Path(__file__).resolve().parent.parent
-SHORT_FIT = [
-    "fit",
-    "--experiment",
-    "full",
-    "eval.enabled=false",
-    "curriculum.stages.image_pretrain.max_steps=40",
-    "curriculum.stages.video_finetune.max_steps=4",
-    "trainer.checkpoint_every_n_steps=4",
-]
-
-
-def _env(workdir: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlruns/mlflow.db")
-    env.pop("PYTEST_CURRENT_TEST", None)
-    return env
-
-
-def _start_fit(workdir: Path, *args) -> subprocess.Popen:
-    # Its own session, as a scheduler starts a job: the signal reaches fit alone, and a
-    # non-interactive shell's "ignore SIGINT in background jobs" does not apply.
-    return subprocess.Popen(
-        [sys.executable, "-m", "mm_lightning", *args],
-        cwd=workdir,
-        env=_env(workdir),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _wait_for(pattern: str, workdir: Path, proc: subprocess.Popen, timeout: float = 600) -> Path:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        found = list(workdir.glob(pattern))
-        if found:
-            return found[0]
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"{pattern} never appeared; fit said:\n{proc.communicate()[1][-3000:]}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import SHORT_FIT, SHORT_STEPS, cli_env, free_port, run_cli, start_cli, store_uri, wait_for
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_marks_killed_and_resume_finishes_past_a_corrupt_last_ckpt(tmp_path):
-    proc = _start_fit(tmp_path, *SHORT_FIT)
-    _wait_for("runs/full/*/checkpoints/image_pretrain/step=8.ckpt", tmp_path, proc)  # two checkpoints kept
+    proc = start_cli(tmp_path, *SHORT_FIT)
+    wait_for("runs/full/*/checkpoints/image_pretrain/step=8.ckpt", tmp_path, proc)  # two checkpoints kept
     os.kill(proc.pid, signal.SIGTERM)  # what SLURM sends before it kills a job
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 143, stderr[-3000:]
@@ -79,10 +29,10 @@ def test_sigterm_checkpoints_marks_killed_and_resume_finishes_past_a_corrupt_las
     assert "resume with: python -m mm_lightning fit --experiment full --profile tiny --resume" in line
     run_dir = next((tmp_path / "runs" / "full").iterdir())
     state = json.loads((run_dir / "run.json").read_text())
-    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(store_uri(tmp_path))
     assert client.get_run(state["mlflow_run_id"]).info.status == "KILLED"
     stopped_at = int(line.split("at step ")[1].split(";")[0])
-    assert 8 <= stopped_at < 40
+    assert 8 <= stopped_at < SHORT_STEPS
 
     ckpt_dir = run_dir / "checkpoints" / "image_pretrain"
     last = ckpt_dir / "last.ckpt"
@@ -90,28 +40,20 @@ def test_sigterm_checkpoints_marks_killed_and_resume_finishes_past_a_corrupt_las
         f.truncate(1000)
     (ckpt_dir / "on_exception.ckpt").unlink()  # so the previous step=N.ckpt is the good one left
 
-    result = subprocess.run(
-        [sys.executable, "-m", "mm_lightning", *SHORT_FIT, "--resume"],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli(tmp_path, *SHORT_FIT, "--resume")
     assert "image_pretrain/last.ckpt is unreadable" in result.stderr
     assert "resuming from the previous good checkpoint" in result.stderr
     run = client.get_run(state["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert torch.load(ckpt_dir / "final.ckpt", weights_only=False)["global_step"] == 40
+    assert torch.load(ckpt_dir / "final.ckpt", weights_only=False)["global_step"] == SHORT_STEPS
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/image_pretrain/loss")}
-    assert max(steps) == 39
+    assert max(steps) == SHORT_STEPS - 1
 
 
 @pytest.mark.slow
 def test_sigint_stops_fit_with_130_and_a_killed_run(tmp_path):
-    proc = _start_fit(tmp_path, *SHORT_FIT)
-    _wait_for("runs/full/*/checkpoints/image_pretrain/last.ckpt", tmp_path, proc)
+    proc = start_cli(tmp_path, *SHORT_FIT)
+    wait_for("runs/full/*/checkpoints/image_pretrain/last.ckpt", tmp_path, proc)
     os.kill(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 130, stderr[-3000:]
@@ -119,7 +61,7 @@ def test_sigint_stops_fit_with_130_and_a_killed_run(tmp_path):
     run_dir = next((tmp_path / "runs" / "full").iterdir())
     assert (run_dir / "checkpoints" / "image_pretrain" / "on_exception.ckpt").exists()
     run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
-    assert MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"]).get_run(run_id).info.status == "KILLED"
+    assert MlflowClient(store_uri(tmp_path)).get_run(run_id).info.status == "KILLED"
 
 
 def test_latest_checkpoint_passes_over_a_truncated_file(tmp_path, capsys):
@@ -143,7 +85,7 @@ def test_an_unusable_store_stops_fit_and_ablate_with_one_line_before_training(st
         (tmp_path / "mlruns").write_text("not a folder")
         uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     else:
-        uri = f"http://127.0.0.1:{_free_port()}"
+        uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for argv in (["fit", "--experiment", "full"], ["ablate", "--experiments", "full", "--seeds", "1"]):
         assert main(argv) == 2
@@ -166,19 +108,23 @@ def test_a_read_only_store_is_refused(tmp_path):
 def test_concurrent_first_use_of_a_sqlite_store(tmp_path):
     # Three processes that create the store, its experiment and a run at the same moment.
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    ready = tmp_path / "ready"  # a barrier: each process, once it has imported mlflow, waits for the others
+    ready.mkdir()
     script = (
-        "import sys, time\n"
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
         "from mlflow import MlflowClient\n"
         "from mm_lightning.tracking import ensure_experiment, open_store\n"
-        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "(Path(sys.argv[2]) / str(os.getpid())).touch()\n"
+        "while len(list(Path(sys.argv[2]).iterdir())) < 3:\n"
+        "    time.sleep(0.005)\n"
         "open_store(sys.argv[1])\n"
         "client = MlflowClient(sys.argv[1])\n"
         "client.create_run(ensure_experiment(client, 'shared', sys.argv[1]))\n"
     )
-    start = time.time() + 8  # every process has imported mlflow by then
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script, uri, str(start)], env=_env(tmp_path), stderr=subprocess.PIPE, text=True
+            [sys.executable, "-c", script, uri, str(ready)], env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True
         )
         for _ in range(3)
     ]
@@ -200,7 +146,7 @@ def test_an_outage_is_kept_in_the_run_folder_and_sync_run_pushes_it(tmp_path, mo
     outside.mkdir()
     (outside / "per_video.json").write_text("[]")
 
-    down = RunClient(f"http://127.0.0.1:{_free_port()}", run_dir)  # nothing listens there
+    down = RunClient(f"http://127.0.0.1:{free_port()}", run_dir)  # nothing listens there
     for step in range(3):
         down.log_metric(run_id, "train/loss", 1.0 / (step + 1), step=step)
     down.set_tag(run_id, "mm.completed", "true")

@@ -2,11 +2,9 @@
 folder, a killed run resumed, no_pretrain with a corrupt video, 2-process DDP."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,53 +12,28 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import (
+    FINISHED_FIT_STEPS,
+    REPO,
+    SHORT_FIT,
+    SHORT_STEPS,
+    artifacts,
+    cli_env,
+    run_cli,
+    start_cli,
+    store_uri,
+    wait_for,
+)
+
 pytestmark = pytest.mark.slow
 
 
-def _env(workdir: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlruns/mlflow.db")
-    env.pop("PYTEST_CURRENT_TEST", None)
-    return env
-
-
-def _cli(workdir: Path, *args, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "mm_lightning", *args],
-        cwd=workdir,
-        env=_env(workdir),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
 def _client(workdir: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    return MlflowClient(store_uri(workdir))
 
 
-def _artifacts(client, run_id, path=None) -> list[str]:
-    out = []
-    for item in client.list_artifacts(run_id, path):
-        out += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One `fit --experiment full` in the default tiny profile, shared by the tests below."""
-    workdir = tmp_path_factory.mktemp("fit_full")
-    result = _cli(workdir, "fit", "--experiment", "full")
-    run_dir = next((workdir / "runs" / "full").iterdir())
-    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
-    return workdir, run_id, run_dir / "checkpoints" / "video_finetune" / "final.ckpt", result
-
-
-def test_fit_full_trains_both_stages_and_leaves_an_mlflow_run(trained):
-    workdir, run_id, checkpoint, result = trained
+def test_fit_full_trains_both_stages_and_leaves_an_mlflow_run(finished_fit):
+    workdir, run_id, checkpoint, result = finished_fit
     output = result.stdout + result.stderr
     assert "stage image_pretrain" in output and "stage video_finetune" in output  # progress bars
     assert "mlflow ui --backend-store-uri" in result.stdout
@@ -76,26 +49,26 @@ def test_fit_full_trains_both_stages_and_leaves_an_mlflow_run(trained):
             assert f"train/{stage}/{name}" in metrics
         for name in ("id_similarity", "no_face_frames", "similarity_decay", "fm_ref", "fm_inter", "dynamic_degree"):
             assert f"eval/{stage}/{name}" in metrics
-    artifacts = _artifacts(_client(workdir), run_id)
-    assert "config.yaml" in artifacts and "checkpoint/final.ckpt" in artifacts
+    logged = artifacts(_client(workdir), run_id)
+    assert "config.yaml" in logged and "checkpoint/final.ckpt" in logged
     for kind, ext in (("videos", ".mp4"), ("contact_sheets", ".png"), ("id_similarity", ".png")):
-        assert any(a.startswith("eval/video_finetune/") and f"/{kind}/" in a and a.endswith(ext) for a in artifacts), (
-            kind
-        )
-    assert any(a.endswith("per_video.json") for a in artifacts)
+        assert any(a.startswith("eval/video_finetune/") and f"/{kind}/" in a and a.endswith(ext) for a in logged), kind
+    assert any(a.endswith("per_video.json") for a in logged)
     history = _client(workdir).get_metric_history(run_id, "train/image_pretrain/loss")
-    assert len(history) == 24  # one point per step
+    assert len(history) == FINISHED_FIT_STEPS["image_pretrain"]  # one point per step
+    probed = {m.step for m in _client(workdir).get_metric_history(run_id, "eval/image_pretrain/id_reliance")}
+    assert {0, 4, 8} <= probed  # the reliance curve: at the start, every 4 steps, and at the stage's evaluation
 
 
-def test_generate_writes_a_playable_mp4(trained, tmp_path):
+def test_generate_writes_a_playable_mp4(finished_fit, tmp_path):
     import decord
     import skimage.data
     from PIL import Image
 
-    workdir, _, checkpoint, _ = trained
+    workdir, _, checkpoint, _ = finished_fit
     Image.fromarray(skimage.data.astronaut()).save(tmp_path / "face.png")
     out = tmp_path / "out.mp4"
-    _cli(
+    run_cli(
         workdir,
         "generate",
         "--checkpoint",
@@ -111,13 +84,13 @@ def test_generate_writes_a_playable_mp4(trained, tmp_path):
     assert len(video) == 9 and video[0].shape == (64, 64, 3)
 
 
-def test_generate_refuses_a_photo_without_a_face_before_denoising(trained, tmp_path):
+def test_generate_refuses_a_photo_without_a_face_before_denoising(finished_fit, tmp_path):
     import skimage.data
     from PIL import Image
 
-    workdir, _, checkpoint, _ = trained
+    workdir, _, checkpoint, _ = finished_fit
     Image.fromarray(skimage.data.camera()).convert("RGB").save(tmp_path / "camera.png")
-    result = _cli(
+    result = run_cli(
         workdir,
         "generate",
         "--checkpoint",
@@ -135,9 +108,9 @@ def test_generate_refuses_a_photo_without_a_face_before_denoising(trained, tmp_p
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_evaluate_logs_the_same_metrics_as_a_new_run(trained):
-    workdir, _, checkpoint, _ = trained
-    _cli(workdir, "evaluate", "--checkpoint", str(checkpoint))
+def test_evaluate_logs_the_same_metrics_as_a_new_run(finished_fit):
+    workdir, _, checkpoint, _ = finished_fit
+    run_cli(workdir, "evaluate", "--checkpoint", str(checkpoint), "eval.max_videos=1")  # one video: a short run
     client = _client(workdir)
     runs = client.search_runs(
         [client.get_experiment_by_name("mm_lightning").experiment_id], "tags.`mm.role` = 'evaluate'"
@@ -147,47 +120,26 @@ def test_evaluate_logs_the_same_metrics_as_a_new_run(trained):
 
 
 def test_a_killed_run_resumes_in_the_right_stage_at_the_right_step(tmp_path):
-    args = [
-        "fit",
-        "--experiment",
-        "full",
-        "eval.enabled=false",
-        "curriculum.stages.image_pretrain.max_steps=60",
-        "trainer.checkpoint_every_n_steps=5",
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mm_lightning", *args],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 600
-    last = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list(tmp_path.glob("runs/full/*/checkpoints/image_pretrain/last.ckpt"))
-        if found:
-            last = found[0]
-            break
-        time.sleep(0.05)
+    proc = start_cli(tmp_path, *SHORT_FIT)
+    last = wait_for("runs/full/*/checkpoints/image_pretrain/last.ckpt", tmp_path, proc)
     proc.send_signal(signal.SIGKILL)  # a real, unannounced interruption in the middle of stage 1
     proc.wait()
-    assert last is not None, "stage 1 never wrote a checkpoint"
     run_dir = last.parents[2]
     assert json.loads((run_dir / "run.json").read_text())["finished_stages"] == []
     killed_at = torch.load(last, weights_only=False)["global_step"]
-    assert 0 < killed_at < 60
+    assert 0 < killed_at < SHORT_STEPS
 
-    result = _cli(tmp_path, *args, "--resume")
+    result = run_cli(tmp_path, *SHORT_FIT, "--resume")
     state = json.loads((run_dir / "run.json").read_text())
     assert state["finished_stages"] == ["image_pretrain", "video_finetune"]
-    assert torch.load(run_dir / "checkpoints/image_pretrain/final.ckpt", weights_only=False)["global_step"] == 60
-    assert torch.load(run_dir / "checkpoints/video_finetune/final.ckpt", weights_only=False)["global_step"] == 16
+    final = {stage: run_dir / "checkpoints" / stage / "final.ckpt" for stage in state["finished_stages"]}
+    assert torch.load(final["image_pretrain"], weights_only=False)["global_step"] == SHORT_STEPS
+    assert torch.load(final["video_finetune"], weights_only=False)["global_step"] == 4  # each stage counts its own
     client = _client(tmp_path)
     run = client.get_run(state["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/image_pretrain/loss")]
-    assert max(steps) == 59 and min(steps) == 0  # one run, stage 1 continued after the kill
+    assert max(steps) == SHORT_STEPS - 1 and min(steps) == 0  # one run, stage 1 continued after the kill
     assert "resuming stage image_pretrain from " in result.stdout  # fit's own line; Lightning's is quiet
 
 
@@ -200,19 +152,20 @@ def test_no_pretrain_runs_only_stage_2_and_skips_a_corrupt_video(tmp_path):
     data = tmp_path / "data"
     shutil.copytree(ensure_demo_dataset(load_config("full").cache_dir), data)
     (data / "videos" / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
-    with open(data / "metadata.jsonl", "a") as f:
-        f.write(
-            json.dumps(
-                {
-                    "kind": "video",
-                    "video": "videos/corrupt.mp4",
-                    "caption": "a man talking",
-                    "reference_rule": "keyframe",
-                }
-            )
-            + "\n"
-        )
-    _cli(tmp_path, "fit", "--experiment", "no_pretrain", "eval.enabled=false", f"data.root={data}")
+    # Three of the demo's clips and the corrupt one: the face pass over this new metadata stays short.
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    clips = [row for row in rows if row["kind"] == "video"][:3]
+    corrupt = {"kind": "video", "video": "videos/corrupt.mp4", "caption": "a man talking", "reference_rule": "keyframe"}
+    (data / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [*clips, corrupt]))
+    run_cli(
+        tmp_path,
+        "fit",
+        "--experiment",
+        "no_pretrain",
+        "eval.enabled=false",
+        f"data.root={data}",
+        "curriculum.stages.video_finetune.max_steps=2",
+    )
     run_dir = next((tmp_path / "runs" / "no_pretrain").iterdir())
     state = json.loads((run_dir / "run.json").read_text())
     assert state["finished_stages"] == ["video_finetune"]
@@ -226,7 +179,7 @@ def test_two_process_ddp_keeps_the_trainable_weights_identical(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)],
         cwd=tmp_path,
-        env=_env(tmp_path),
+        env=cli_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=900,
@@ -244,8 +197,18 @@ def test_two_process_ddp_keeps_the_trainable_weights_identical(tmp_path):
 def test_fit_under_two_process_ddp_keeps_one_run_folder_and_one_mlflow_run(tmp_path):
     # Lightning launches rank 1 by re-running the command: it must find rank 0's run folder
     # and MLflow run instead of starting its own, and the ranks' eval artifacts must not collide.
-    _cli(
-        tmp_path, "fit", "--experiment", "full", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"
+    # Short stages, with the reliance probe (collective forward passes) inside stage 1 too.
+    run_cli(
+        tmp_path,
+        "fit",
+        "--experiment",
+        "full",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "curriculum.stages.image_pretrain.max_steps=4",
+        "curriculum.stages.video_finetune.max_steps=2",
+        "eval.reliance_every_n_steps=2",
     )
     (run_dir,) = (tmp_path / "runs" / "full").iterdir()
     assert (run_dir / "checkpoints" / "video_finetune" / "final.ckpt").exists()
@@ -253,6 +216,8 @@ def test_fit_under_two_process_ddp_keeps_one_run_folder_and_one_mlflow_run(tmp_p
     (run,) = client.search_runs([client.get_experiment_by_name("mm_lightning").experiment_id])
     assert run.info.run_id == json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
     assert run.info.status == "FINISHED" and "eval/video_finetune/id_similarity" in run.data.metrics
-    artifacts = _artifacts(client, run.info.run_id)
+    probed = {m.step for m in client.get_metric_history(run.info.run_id, "eval/image_pretrain/id_reliance")}
+    assert {0, 2, 4} <= probed
+    logged = artifacts(client, run.info.run_id)
     for rank in (0, 1):
-        assert any(a.startswith(f"eval/video_finetune/step16/rank{rank}/videos/") for a in artifacts), rank
+        assert any(a.startswith(f"eval/video_finetune/step2/rank{rank}/videos/") for a in logged), rank

@@ -216,9 +216,15 @@ def test_guidance_can_drop_the_face_from_the_unconditional_branch():
 def test_attention_with_lse_on_cuda(dtype):
     from mm_lightning.models.adapter import attention_with_lse
 
-    q, k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=dtype) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     out, lse = attention_with_lse(q, k, v)
     scores = (q.float() @ k.float().transpose(-1, -2)) / 8
+    expected = scores.softmax(-1) @ v.float()
     assert lse.shape == (1, 2, 300)
     assert torch.allclose(lse, scores.logsumexp(-1), atol=2e-2)
-    assert torch.allclose(out.float(), scores.softmax(-1) @ v.float(), atol=2e-2)
+    assert torch.allclose(out.float(), expected, atol=2e-2)
+    # The kernel's backward (the adapter trains through it): gradients as the plain attention's.
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got.float(), want.float(), atol=5e-2, rtol=5e-2)

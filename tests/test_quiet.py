@@ -3,17 +3,14 @@ INFO logs or weight bars; `--verbose` shows them."""
 
 import logging
 import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 from huggingface_hub.utils import are_progress_bars_disabled
 
 from mm_lightning.quiet import quiet_third_party
+from tests.helpers import run_cli
 
-REPO = Path(__file__).resolve().parent.parent
 # what a default `fit` printed before (lightning 2.6.6, mlflow 3.17.2, transformers 5.23.0)
 NOISE = (
     "Tip:",
@@ -50,37 +47,21 @@ def test_quiet_hides_warnings_and_library_logs_and_restores_them_after():
     assert [str(w.message) for w in caught] == ["shown"]
 
 
-def _fit(workdir: Path, *args: str) -> str:
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlruns/mlflow.db")
-    env.pop("PYTEST_CURRENT_TEST", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "mm_lightning", "fit", "--experiment", "full", *args],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
 @pytest.mark.slow
-def test_fit_full_prints_no_third_party_warning_or_tip_unless_verbose(tmp_path):
-    (tmp_path / "quiet").mkdir()
-    quiet = _fit(
-        tmp_path / "quiet",
-        "curriculum.stages.image_pretrain.max_steps=1",
-        "curriculum.stages.video_finetune.max_steps=1",
-    )
+def test_fit_full_prints_no_third_party_warning_or_tip_unless_verbose(finished_fit, tmp_path):
+    result = finished_fit[3]  # conftest.py's `fit --experiment full`, evaluation included
+    quiet = result.stdout + result.stderr
     assert "stage image_pretrain" in quiet and "finished full" in quiet  # our bars and status lines
     assert [n for n in NOISE if n in quiet] == []
-    (tmp_path / "verbose").mkdir()
-    verbose = _fit(
-        tmp_path / "verbose",
+    result = run_cli(
+        tmp_path,
+        "fit",
+        "--experiment",
+        "full",
         "--verbose",
         "curriculum.order=[video_finetune]",
         "eval.enabled=false",
         "curriculum.stages.video_finetune.max_steps=1",
     )
+    verbose = result.stdout + result.stderr
     assert "Tip:" in verbose and "ckpt_path" in verbose  # the noise exists, so the quiet check can fail

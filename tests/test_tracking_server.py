@@ -4,7 +4,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,8 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import SHORT_FIT, SHORT_STEPS, artifacts, free_port, run_cli, start_cli, wait_for
+
 pytestmark = pytest.mark.slow
 
 
@@ -23,9 +23,7 @@ class MlflowServer:
 
     def __init__(self, root: Path):
         self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process = None
 
@@ -82,36 +80,9 @@ def server(tmp_path_factory):
         server.stop()
 
 
-def _env(uri: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=uri)
-    env.pop("PYTEST_CURRENT_TEST", None)
-    return env
-
-
-def _cli(workdir: Path, uri: str, *args) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "mm_lightning", *args],
-        cwd=workdir,
-        env=_env(uri),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, f"{args}: {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def _artifacts(client, run_id, path=None) -> list[str]:
-    out = []
-    for item in client.list_artifacts(run_id, path):
-        out += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
-    return out
-
-
 def test_ablate_in_parallel_and_table_against_a_tracking_server(server, tmp_path):
-    out = _cli(
+    out = run_cli(
         tmp_path,
-        server.uri,
         "ablate",
         "--experiments",
         "full,no_can",
@@ -121,6 +92,7 @@ def test_ablate_in_parallel_and_table_against_a_tracking_server(server, tmp_path
         "2",
         "curriculum.stages.image_pretrain.max_steps=4",
         "curriculum.stages.video_finetune.max_steps=4",
+        uri=server.uri,
     ).stdout
     assert "[1/2] full seed=0 ... started" in out and "[2/2] no_can seed=0 ... started" in out
     assert not (tmp_path / "mlruns").exists()  # nothing went to a local store
@@ -132,36 +104,20 @@ def test_ablate_in_parallel_and_table_against_a_tracking_server(server, tmp_path
         assert run.info.status == "FINISHED"
         assert "eval/video_finetune/id_similarity" in run.data.metrics
         assert len(client.get_metric_history(run.info.run_id, "train/image_pretrain/loss")) == 4
-        artifacts = _artifacts(client, run.info.run_id)
-        assert "config.yaml" in artifacts and "checkpoint/final.ckpt" in artifacts
-        assert any(a.startswith("eval/video_finetune/") and a.endswith(".mp4") for a in artifacts)
+        logged = artifacts(client, run.info.run_id)
+        assert "config.yaml" in logged and "checkpoint/final.ckpt" in logged
+        assert any(a.startswith("eval/video_finetune/") and a.endswith(".mp4") for a in logged)
     assert list((server.root / "artifacts").rglob("final.ckpt"))  # stored by the server, under its artifact root
 
-    table = _cli(tmp_path, server.uri, "table", "--tracking-uri", server.uri, "--metrics", "dynamic_degree").stdout
+    table = run_cli(
+        tmp_path, "table", "--tracking-uri", server.uri, "--metrics", "dynamic_degree", uri=server.uri
+    ).stdout
     assert "| full |" in table and "| no_can |" in table and "(n=1)" in table, table
 
 
 def test_training_goes_on_when_the_server_drops_and_sync_run_pushes_the_rest(server, tmp_path):
-    args = [
-        "fit",
-        "--experiment",
-        "full",
-        "eval.enabled=false",
-        "curriculum.stages.image_pretrain.max_steps=40",
-        "curriculum.stages.video_finetune.max_steps=4",
-        "trainer.checkpoint_every_n_steps=4",
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mm_lightning", *args],
-        cwd=tmp_path,
-        env=_env(server.uri),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 600
-    while time.time() < deadline and not list(tmp_path.glob("runs/full/*/checkpoints/image_pretrain/last.ckpt")):
-        time.sleep(0.05)
+    proc = start_cli(tmp_path, *SHORT_FIT, uri=server.uri)
+    wait_for("runs/full/*/checkpoints/image_pretrain/last.ckpt", tmp_path, proc)
     server.stop()  # the tracking server goes away in the middle of stage 1
     stderr = proc.communicate(timeout=900)[1]
     assert proc.returncode == 0, stderr[-3000:]
@@ -171,11 +127,11 @@ def test_training_goes_on_when_the_server_drops_and_sync_run_pushes_the_rest(ser
     assert (run_dir / "checkpoints" / "video_finetune" / "final.ckpt").exists()
 
     server.start()
-    assert "pushed" in _cli(tmp_path, server.uri, "sync-run", str(run_dir)).stdout
+    assert "pushed" in run_cli(tmp_path, "sync-run", str(run_dir), uri=server.uri).stdout
     client = MlflowClient(server.uri)
     run = client.get_run(json.loads((run_dir / "run.json").read_text())["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["mm.completed"] == "true"
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/image_pretrain/loss")})
-    assert steps == list(range(40))  # before, during and after the outage
-    assert "checkpoint/final.ckpt" in _artifacts(client, run.info.run_id)
+    assert steps == list(range(SHORT_STEPS))  # before, during and after the outage
+    assert "checkpoint/final.ckpt" in artifacts(client, run.info.run_id)
     assert not (run_dir / "tracking_backlog.jsonl").exists()

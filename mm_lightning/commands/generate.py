@@ -1,7 +1,8 @@
 """python -m mm_lightning generate --checkpoint CKPT --image FACE.jpg [--image ...] --prompt "..." --out out.mp4
 
 Memory options for small GPUs: --offload model|sequential (diffusers' CPU offloading), --int8 (torchao
-int8 weight-only), and the config's VAE slicing/tiling (sampling.vae_slicing, sampling.vae_tiling)."""
+int8 weight-only), and the config's VAE slicing/tiling (sampling.vae_slicing, sampling.vae_tiling). With
+--offload none T5 is on the GPU only while it encodes the prompts."""
 
 import importlib.util
 from pathlib import Path
@@ -77,7 +78,7 @@ def run(args) -> int:
     from mm_lightning.evaluation.video_io import write_video
     from mm_lightning.faces import face_analyzer
     from mm_lightning.module import MagicMirrorModule
-    from mm_lightning.pipeline import face_inputs, offload, quantize_int8, sample_video
+    from mm_lightning.pipeline import encode_prompts_then_load, face_inputs, offload, quantize_int8, sample_video
     from mm_lightning.text import identity_token_mask
 
     check_memory_options(args.offload, args.int8)
@@ -98,7 +99,7 @@ def run(args) -> int:
         args.experiment,
         args.profile,
         raw_weights=args.raw_weights,
-        to_device=args.offload == "none",
+        to_device=False,  # the models come to the GPU below: after prompt encoding, or through offloading
     )
     print(f"weights: {module.loaded_weights}")
     cfg = module.cfg
@@ -114,10 +115,13 @@ def run(args) -> int:
         words = cfg.model.trigger_word or ", ".join(cfg.model.identity_words)
         print(f"warning: the prompt has no identity word ({words}); the identity branch has nothing to write into")
     pipe = module.sampling_pipeline()
+    embeds = None
+    if args.offload == "none" and torch.cuda.is_available():  # T5 on the GPU only while it encodes
+        embeds = encode_prompts_then_load(pipe, cfg, args.prompt, args.negative_prompt)
     if args.int8:
-        quantize_int8(pipe)
+        quantize_int8(pipe, text_encoder=embeds is None)
     offload(pipe, args.offload)
-    frames = sample_video(pipe, cfg, args.prompt, ref_pixels, id_embedding, args.seed, args.negative_prompt)
+    frames = sample_video(pipe, cfg, args.prompt, ref_pixels, id_embedding, args.seed, args.negative_prompt, embeds)
     out = write_video(args.out, frames, cfg.sampling.fps)
     print(f"wrote {out} ({len(frames)} frames, {frames.shape[2]}x{frames.shape[1]}, {cfg.sampling.fps} fps)")
     return 0

@@ -51,11 +51,18 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     """Scaled dot-product attention [B, H, S, d] plus each query's log-sum-exp of scores [B, H, S] (fp32).
 
     PyTorch's public SDPA does not return the log-sum-exp; its fused kernels' aten ops do
-    (flash for half precision on CUDA, memory-efficient otherwise, flash on CPU)."""
+    (cuDNN for half precision on CUDA, as the base block's SDPA picks on Hopper, flash where cuDNN
+    refuses the shapes, memory-efficient for fp32, flash on CPU)."""
     if q.device.type == "cuda":
         if torch.is_autocast_enabled("cuda"):  # raw aten ops skip autocast: cast as autocast casts SDPA's inputs
             q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
         if q.dtype in (torch.float16, torch.bfloat16):
+            if torch.backends.cuda.cudnn_sdp_enabled():
+                try:
+                    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+                    return out, lse.reshape(q.shape[:3])  # cuDNN gives [B, H, S, 1]
+                except RuntimeError:  # a head size or layout cuDNN does not support
+                    pass
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
         else:
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]

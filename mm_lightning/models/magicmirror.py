@@ -45,7 +45,9 @@ class MagicMirrorTransformer(nn.Module):
             self.id_proj = nn.Sequential(nn.Linear(id_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
 
         blocks = base.transformer_blocks
-        for i in range(0, len(blocks), 2):
+        # By index, not by type: FSDP replaces each block with a wrapper that is no MagicMirrorBlock.
+        self.adapted_blocks = frozenset(range(0, len(blocks), 2))
+        for i in sorted(self.adapted_blocks):
             blocks[i] = MagicMirrorBlock(
                 blocks[i],
                 time_embed_dim=time_dim,
@@ -116,8 +118,8 @@ class MagicMirrorTransformer(nn.Module):
         face_tokens = face.x_face.to(hidden_states.dtype) if face.x_face is not None else None  # [B, Nf, D]
 
         # 4. Blocks: adapted ones also carry the face stream.
-        for block in base.transformer_blocks:
-            if isinstance(block, MagicMirrorBlock):
+        for i, block in enumerate(base.transformer_blocks):
+            if i in self.adapted_blocks:
                 hidden_states, encoder_hidden_states, face_tokens = self._run(
                     block, hidden_states, encoder_hidden_states, face_tokens, emb, id_cond, image_rotary_emb, face.keep
                 )

@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: one demo dataset per session and small hand-made datasets."""
+"""Fixtures for the data tests: the session's demo dataset and small hand-made datasets."""
 
 import json
 import shutil
@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from mm_lightning.config import load_config
 from mm_lightning.data.demo import ensure_demo_dataset
 from mm_lightning.data.formats import METADATA
 
 
 @pytest.fixture(scope="session")
-def demo_root(tmp_path_factory) -> Path:
-    return ensure_demo_dataset(tmp_path_factory.mktemp("demo_cache"))
+def demo_root() -> Path:
+    """The session's demo set, the one `fit` trains on: one demo and one face pass (fit's settings) for all."""
+    return ensure_demo_dataset(load_config("full").cache_dir)
 
 
 @pytest.fixture(scope="session")

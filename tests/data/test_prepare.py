@@ -2,10 +2,7 @@
 (prepare_fixture.py): identities, pairs, captions, drop reasons, re-runs, shards, then `fit`."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -21,8 +18,7 @@ from mm_lightning.data.prepare.identities import group_identities
 from mm_lightning.data.prepare.pairs import pair_items
 from mm_lightning.data.prepare.shots import clip_windows
 from tests.data.prepare_fixture import BAD, CAPTIONS_JSONL, EXPECTED, SIDECAR, build_raw_folder
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import run_cli
 
 
 def _prepare(raw: Path, out: Path, uri: str, *extra: str) -> int:
@@ -189,29 +185,10 @@ def test_prepare_then_fit_end_to_end(prepared, tmp_path):
     out, _ = prepared
     cache = out / ".mm_faces_dlib.npz"
     warmed = cache.stat().st_mtime_ns
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    env.pop("PYTEST_CURRENT_TEST", None)
-    # Few steps: what is under test is that fit reads the prepared set, not training itself.
+    # Few steps and no evaluation (its eval set is the built-in one, not this data): what is under test is that
+    # fit trains on the prepared set, not training itself.
     steps = [f"curriculum.stages.{stage}.max_steps=2" for stage in ("image_pretrain", "video_finetune")]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mm_lightning",
-            "fit",
-            "--experiment",
-            "full",
-            f"data.root={out}",
-            f"output_dir={tmp_path}/runs",
-            "eval.max_videos=1",
-            *steps,
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    data = [f"data.root={out}", f"output_dir={tmp_path}/runs"]
+    run_cli(tmp_path, "fit", "--experiment", "full", "eval.enabled=false", *data, *steps)
     assert cache.stat().st_mtime_ns == warmed  # fit read the face cache prepare warmed
     assert list((tmp_path / "runs").glob("*/checkpoints/video_finetune/final.ckpt"))

@@ -16,7 +16,6 @@ def test_landmarks_sit_inside_their_face_box(demo_root):
             height=40,
             width=56,
             clip_image_size=32,
-            face_probe_frames=4,
             batch_size=2,
         )
         dm.setup()

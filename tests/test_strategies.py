@@ -1,0 +1,120 @@
+"""What the distributed strategies and the 8-bit optimiser change in the training step (issue 13), on the tiny
+profile. Lightning's FSDP and DeepSpeed need CUDA, so these tests rebuild what each does to the model;
+the real runs on 2 GPUs are in benchmarks/real_scale/ (multi_2gpu.log)."""
+
+import importlib.util
+
+import pytest
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from torch import nn
+
+from mm_lightning.config import ConfigError, load_config
+from mm_lightning.models.loading import load_components
+from mm_lightning.module import MagicMirrorModule
+from tests.test_dtype_policy import _image_batch
+from tests.test_model import _inputs
+
+
+class _Wrapper(nn.Module):
+    """What FSDP's auto-wrapping makes of each block: another module, forwarding the same arguments."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_adapted_blocks_keep_the_face_stream_when_every_block_is_wrapped():
+    cfg = load_config("full")
+    components = load_components(cfg)
+    model = components.transformer
+    latents, text, t, rotary, face = _inputs(components, cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.abs().sum() == 0:  # open the zero-init adapters, so the face stream counts
+                p.normal_(std=0.1)
+        expected = model(latents, text, t, image_rotary_emb=rotary, face=face)[0]
+        blocks = model.base.transformer_blocks
+        for i in range(len(blocks)):
+            blocks[i] = _Wrapper(blocks[i])
+        wrapped = model(latents, text, t, image_rotary_emb=rotary, face=face)[0]
+    assert torch.equal(wrapped, expected)
+
+
+def test_a_step_runs_with_every_weight_and_input_in_bf16_and_no_autocast():
+    # DeepSpeed's bf16 mode: the engine casts the whole model to bf16, Lightning casts the batch's floats to
+    # bf16, and nothing autocasts (fp32 master weights live in the ZeRO optimiser). A cached batch, as at 5B.
+    cfg = load_config("full", overrides=["eval.enabled=false"])
+    module = MagicMirrorModule(cfg, stage="video_finetune", text_encoder=False, vae=False).to(torch.bfloat16)
+    tconf, size = module.transformer.config, module.transformer.face_encoder.clip_image_size
+    batch = {
+        "latents": torch.randn(2, 2, tconf.in_channels, 8, 8),  # [B, F', C, h, w]
+        "prompt_embeds": torch.randn(2, tconf.max_text_seq_length, tconf.text_embed_dim),
+        "caption": ["a man walking in the park", "a woman smiling"],
+        "ref_pixels": torch.rand(2, 3, size, size),
+        "id_embedding": torch.randn(2, 128),
+        "face_mask": torch.ones(2, 5, 1, 64, 64),
+    }
+    batch = apply_to_collection(batch, torch.Tensor, lambda t: t.to(torch.bfloat16))
+    loss = module.compute_loss(batch, generator=torch.Generator().manual_seed(0))["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(g.dtype == torch.bfloat16 for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_adamw8bit_without_torchao_is_a_config_error(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError, match="optim.name=adamw8bit needs torchao"):
+        load_config("full", overrides=["optim.name=adamw8bit"])
+    with pytest.raises(ConfigError, match="optim.name must be adamw or adamw8bit"):
+        load_config("full", overrides=["optim.name=sgd"])
+
+
+@pytest.mark.slow  # torchao compiles its update for every parameter shape: about 2 minutes on CPU
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+def test_adamw8bit_keeps_8bit_states_and_trains():
+    from torchao.optim import AdamW8bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    cfg = load_config("full", overrides=["eval.enabled=false", "optim.name=adamw8bit"])
+    module = MagicMirrorModule(cfg, stage="image_pretrain", text_encoder=True, vae=True)
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, AdamW8bit)
+    loss = module.compute_loss(_image_batch(cfg), generator=torch.Generator().manual_seed(0))["loss"]
+    loss.backward()
+    trained = [p for p in module.parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0]
+    before = [p.detach().clone() for p in trained]
+    optimizer.step()
+    scheduler.step()  # the LR schedule drives torchao's tensor learning rate
+    assert all(not torch.equal(b, p) for b, p in zip(before, trained, strict=True))
+    big = [p for p in trained if p.numel() >= 4096 and p.numel() % 256 == 0]  # torchao quantises these
+    assert big and all(isinstance(optimizer.state[p]["exp_avg"], OptimState8bit) for p in big)
+    # 2 bytes of state per parameter instead of AdamW's 8: what --resume restores too.
+    fresh = type(optimizer)(optimizer.param_groups)
+    fresh.load_state_dict(optimizer.state_dict())
+    assert isinstance(fresh.state[big[0]]["exp_avg_sq"], OptimState8bit)
+
+
+def test_fsdp_units_are_whole_blocks_with_the_block_an_adapter_holds():
+    # MagicMirrorBlock calls its CogVideoX block's layers itself: a unit of their own would stay sharded.
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+    from torch.distributed.fsdp.wrap import _recursive_wrap
+
+    from mm_lightning.curriculum import BlockUnits
+    from mm_lightning.models.adapter import MagicMirrorBlock
+
+    model = load_components(load_config("full"), text_encoder=False, vae=False).transformer
+    units = []
+    _recursive_wrap(
+        model, BlockUnits(CogVideoXBlock, MagicMirrorBlock), lambda m, **_: units.append(m) or m, set(), set()
+    )
+    assert units == list(model.base.transformer_blocks)  # each adapted block and each plain one, nothing inside
