@@ -110,7 +110,7 @@ def write_random_weights(
         )
         builders = {  # built one at a time: at 5B scale they don't all need to be in memory at once
             "transformer": lambda: CogVideoXTransformer3DModel.from_config(_plain(arch.transformer)),
-            "vae": lambda: near_deterministic_posterior(AutoencoderKLCogVideoX.from_config(_plain(arch.vae))),
+            "vae": lambda: AutoencoderKLCogVideoX.from_config(_plain(arch.vae)),
             "text_encoder": lambda: T5EncoderModel(t5_config),
             "tokenizer": lambda: tokenizer,
             "scheduler": lambda: CogVideoXDPMScheduler.from_config(_plain(arch.scheduler)),
@@ -132,21 +132,6 @@ def write_random_weights(
                 ).save_pretrained(tmp)
             shutil.rmtree(targets[name], ignore_errors=True)
             tmp.rename(targets[name])
-
-
-def near_deterministic_posterior(vae: AutoencoderKLCogVideoX) -> AutoencoderKLCogVideoX:
-    """Random VAE weights whose posterior is as sharp as a trained VAE's.
-
-    At random init the log-variance half of the encoder's output gives a posterior std of about 1,
-    three times the spread of its means (tiny profile: 1.03 against 0.33), so every training target
-    would be mostly fresh sampling noise and the loss would hide what the model learns. Here the
-    log-variance starts at -10 whatever the input (std 0.007); the means stay random."""
-    conv = vae.encoder.conv_out.conv  # [2 * latent_channels] outputs: means, then log-variances
-    half = conv.out_channels // 2
-    with torch.no_grad():
-        conv.weight[half:] = 0
-        conv.bias[half:] = -10.0
-    return vae
 
 
 def _tiny_tokenizer() -> T5Tokenizer:
