@@ -133,7 +133,8 @@ def train_steps(cfg, stage: str, args, identity: bool) -> dict:
 def sample(cfg) -> dict:
     """One video through the module's pipeline as `generate` runs it (every weight bf16, T5 on the GPU only
     while it encodes the prompts), then the bare CogVideoX pipeline (T5 resident, as diffusers runs it) on the same
-    settings; then a torch.profiler summary of one denoising step (one guided transformer call) of each."""
+    settings, each timed from its models on the CPU (moving them to the GPU included: diffusers' `pipe.to("cuda")`
+    for the bare one); then a torch.profiler summary of one denoising step (one guided transformer call) of each."""
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
     from mm_lightning.pipeline import encode_prompts_then_load, sample_video
@@ -158,10 +159,10 @@ def sample(cfg) -> dict:
     step_inputs = _denoising_step_inputs(module, pipe, cfg, ref, ids)
     rows["profile_magicmirror"] = _profile_step(module.transformer, step_inputs, face=step_inputs.pop("face"))
     del module.transformer, module.pipe, pipe  # the bare run gets the GPU without the adapted model
-    module.text_encoder.to(DEVICE)
+    module.vae.to("cpu")  # the bare run starts from its models on the CPU too
     bare_transformer = CogVideoXTransformer3DModel.from_pretrained(
         cfg.weights.transformer, torch_dtype=torch.bfloat16, local_files_only=True
-    ).to(DEVICE)
+    )
     bare = CogVideoXPipeline(
         tokenizer=module.tokenizer,
         text_encoder=module.text_encoder,
@@ -175,6 +176,7 @@ def sample(cfg) -> dict:
         bare.vae.enable_tiling()
     _reset_peak()
     start = time.perf_counter()
+    bare.to(DEVICE)
     out = bare(
         prompt="a man walking in a park",
         negative_prompt=s.negative_prompt,

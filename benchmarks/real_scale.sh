@@ -6,6 +6,7 @@
 #   bash benchmarks/real_scale.sh optim    # 1 GPU: fit's step with 8-bit AdamW (torchao; carry its wheel)
 #   bash benchmarks/real_scale.sh generate # 1 GPU: generate's memory modes, MODES="none model sequential int8"
 #   bash benchmarks/real_scale.sh multi    # fit's step under MULTI="ddp 1,ddp 2,fsdp 2,deepspeed_stage_2 2"
+#                                          # (4 GPUs: MULTI="deepspeed_stage_3 4,deepspeed_stage_2 4,fsdp 4")
 #   bash benchmarks/real_scale.sh snapshot # only the snapshot (before running modes side by side, one per GPU)
 # PROFILE=tiny runs the same commands on CPU-sized models (the dry run). Logs and JSON go to $OUT.
 set -o pipefail
@@ -92,10 +93,13 @@ multi)
   IFS=, read -ra list <<< "${MULTI:-ddp 1,ddp 2,fsdp 2,deepspeed_stage_2 2}"  # 4 GPUs: ddp 4,fsdp 4,...
   for run in "${list[@]}"; do
     set -- $run
-    echo "=== fit_step strategy=$1 devices=$2" | tee -a "$LOG"
-    timeout 180 python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --steps 3 --warmup 2 \
-      --name "fit_step_${1}_${2}gpu" --out-dir "$OUT" $EXTRA trainer.strategy="$1" trainer.devices="$2" \
+    echo "=== fit_step strategy=$1 devices=$2 $(date -u +%T)" | tee -a "$LOG"
+    # ZeRO-3 partitions the 5B weights at start-up: give each run 4 minutes (RUN_TIMEOUT seconds)
+    timeout -k 20 "${RUN_TIMEOUT:-240}" python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" \
+      --steps 3 --warmup 2 --name "fit_step_${1}_${2}gpu" --out-dir "$OUT" $EXTRA \
+      trainer.strategy="$1" trainer.devices="$2" \
       2>&1 | quiet >> "$LOG"
+    echo "=== done $(date -u +%T)" >> "$LOG"
     grep -E "s/step|Error" "$LOG" | tail -n 2
   done
   ;;

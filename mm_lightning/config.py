@@ -85,6 +85,13 @@ class ModelConfig:
     # zero-init per-head gate (paper Eq. 8); "cross_only" = only through the decoupled cross-attention (earlier design)
     face_attention: str = "joint"
     freeze_id_perceiver: bool = False  # keep PhotoMakerV2's ID perceiver as loaded (needs weights.photomaker_v2)
+    # Also train CogVideoX's own weights. The paper trains only the new modules (false); the tiny profile
+    # trains them too, because its random backbone is no denoiser to adapt (README, the probe).
+    train_backbone: bool = False
+    # Train the perceivers that turn the face into x_id and x_face (false: they stay as loaded or initialised;
+    # the fusion MLP, CAN and the blocks' adapters still train). The tiny profile sets false: trained from
+    # scratch on its 9 identities they collapse to the same tokens for everyone (README, the probe).
+    train_face_encoder: bool = True
     # Sizes of the new modules.
     num_id_tokens: int = 2
     num_face_tokens: int = 32
@@ -132,6 +139,14 @@ class LossConfig:
     # The identity loss counts only samples with timestep below this (ours; the paper gives none): near
     # t = 1000 the x0 estimate is mostly noise. Its crops are ArcFace-aligned from cached 5-point landmarks.
     identity_max_timestep: int = 500
+    # Training timesteps: "uniform" over the schedule (CogVideoX's and the paper's), or diffusers'
+    # compute_density_for_timestep_sampling schemes "logit_normal" (sigmoid of N(logit_mean, logit_std))
+    # and "mode" (mode_scale). The tiny profile draws high-noise timesteps, where only the face tells
+    # identities that share a caption apart (README, "The identity-reliance probe").
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
 
 
 @dataclass
@@ -163,7 +178,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: str = "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3
     precision: str = "32-true"  # "bf16-mixed" | "bf16-true" | "32-true"
     # dtype of the frozen modules (backbone, CLIP, T5, VAE, ArcFace); trainable ones keep fp32
     # master weights. "auto": bfloat16 when precision is bf16-*, else float32.
@@ -475,10 +490,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"ema.decay must be in [0, 1], got {cfg.ema.decay}")
     if cfg.ema.enabled and cfg.ema.update_every_n_steps < 1:
         raise ConfigError(f"ema.update_every_n_steps must be >= 1, got {cfg.ema.update_every_n_steps}")
-    if cfg.ema.enabled and cfg.trainer.strategy == "fsdp":
+    if cfg.ema.enabled and cfg.trainer.strategy in ("fsdp", "deepspeed_stage_3"):
         raise ConfigError(
-            "ema.enabled does not work with trainer.strategy=fsdp (Lightning's weight averaging "
-            "needs unsharded weights); use ddp or deepspeed_stage_2"
+            f"ema.enabled does not work with trainer.strategy={cfg.trainer.strategy} (Lightning's weight "
+            "averaging needs unsharded weights); use ddp or deepspeed_stage_2"
         )
     if cfg.optim.name not in ("adamw", "adamw8bit"):
         raise ConfigError(f"optim.name must be adamw or adamw8bit, got {cfg.optim.name!r}")
@@ -486,6 +501,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("optim.name=adamw8bit needs torchao, which is not installed: pip install torchao==0.18.0")
     if cfg.optim.lr_schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"optim.lr_schedule must be cosine, linear or constant, got {cfg.optim.lr_schedule!r}")
+    if cfg.loss.timestep_sampling not in ("uniform", "logit_normal", "mode"):
+        raise ConfigError(
+            f"loss.timestep_sampling must be uniform, logit_normal or mode, got {cfg.loss.timestep_sampling!r}"
+        )
     if cfg.trainer.keep_checkpoints < 1:
         raise ConfigError("trainer.keep_checkpoints must be at least 1 (last.ckpt links to the newest kept one)")
 

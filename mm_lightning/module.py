@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
@@ -142,8 +143,7 @@ class MagicMirrorModule(L.LightningModule):
         face = self.transformer.encode_face(batch["ref_pixels"], batch["id_embedding"], enc["identity_mask"])
 
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        num_t = self.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_t, (batch_size,), generator=generator, device=latents.device)
+        timesteps = self.sample_timesteps(batch_size, generator, latents.device)
         x0_pred, error = self.denoising_error(latents, enc["prompt_embeds"], face, noise, timesteps)
 
         # Face-region loss: for a share of the samples only the (latent-size) face mask counts.
@@ -164,6 +164,15 @@ class MagicMirrorModule(L.LightningModule):
             loss = loss + self.cfg.loss.identity_weight * losses["identity"]
         losses["loss"] = loss
         return losses
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """[B] training timesteps in [0, num_train_timesteps), drawn as loss.timestep_sampling says."""
+        loss = self.cfg.loss
+        u = compute_density_for_timestep_sampling(
+            loss.timestep_sampling, batch_size, loss.logit_mean, loss.logit_std, loss.mode_scale, device, generator
+        )  # [B] in [0, 1]
+        num_t = self.scheduler.config.num_train_timesteps
+        return (u * num_t).long().clamp(max=num_t - 1)
 
     def denoising_error(
         self, latents: torch.Tensor, prompt_embeds: torch.Tensor, face, noise: torch.Tensor, timesteps: torch.Tensor
@@ -256,6 +265,10 @@ class MagicMirrorModule(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def on_train_start(self) -> None:
+        if getattr(self.trainer.strategy, "zero_stage_3", False):  # Lightning's DeepSpeedStrategy(stage=3)
+            gather_face_encoder_with_transformer(self.transformer)
+
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {f"transformer.{k}": v for k, v in self.transformer.trainable_state_dict().items()}
@@ -284,6 +297,19 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 
         return AdamW8bit
     return torch.optim.AdamW
+
+
+def gather_face_encoder_with_transformer(transformer) -> None:
+    """DeepSpeed ZeRO-3 partitions every parameter and gathers a module's own parameters again for its backward
+    only when it finds tensors in the module's output. The face encoder returns a FaceConditioning, so its own
+    parameters (the learned face queries) would still be partitioned when their gradient arrives (an empty tensor
+    meets a [1, Nf, P] gradient). Registered as the transformer's external parameters, they are gathered for the
+    transformer's backward, which encloses theirs; its inputs (latents, prompt embeddings) carry no gradient, so
+    DeepSpeed releases them when the backward pass ends."""
+    import deepspeed
+
+    for param in transformer.face_encoder.parameters(recurse=False):
+        deepspeed.zero.register_external_parameter(transformer, param)
 
 
 def pad_to_temporal_patch(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:

@@ -21,6 +21,9 @@ SHORT_TRAINING = [
     "trainer.checkpoint_every_n_steps=4",
 ]
 SHORT_FIT = ["fit", "--experiment", "full", *SHORT_TRAINING]
+# The paper's training: only the new modules learn. The tiny profile also trains its random backbone and keeps its
+# random face perceivers (its recipe, README "The identity-reliance probe"); tests of the model's mechanics use this.
+PAPER_TRAINING = ["model.train_backbone=false", "model.train_face_encoder=true"]
 # The stages of conftest.py's `finished_fit` (with evaluation): short, since what its readers check is the run's
 # shape (stages, metrics, artifacts, output), not what it learnt.
 FINISHED_FIT_STEPS = {"image_pretrain": 8, "video_finetune": 4}

@@ -51,7 +51,7 @@ def test_a_matrix_file_anywhere_on_disk(tmp_path):
     row = {"key": "x", "label": "only x_face", "flags": dict.fromkeys(FLAGS, False) | {"x_face": True}}
     path.write_text(yaml.safe_dump({"name": "mine", "budget_fraction": 0.25, "rows": [row]}))
     matrix = load_matrix(str(path))
-    assert matrix.name == "mine" and matrix.row("x").budget == {"video_finetune": 4}  # tiny: 16 steps
+    assert matrix.name == "mine" and matrix.row("x").budget == {"video_finetune": 10}  # tiny: 40 steps
 
     row["flags"] = dict.fromkeys(FLAGS, False) | {"x_id": True, "m_face": True}  # m_face needs x_face
     path.write_text(yaml.safe_dump({"name": "mine", "rows": [row]}))

@@ -6,6 +6,7 @@ import torch
 from mm_lightning.cli import main
 from mm_lightning.config import load_config
 from mm_lightning.module import MagicMirrorModule
+from tests.helpers import PAPER_TRAINING
 
 
 def _split(module: MagicMirrorModule):
@@ -15,7 +16,7 @@ def _split(module: MagicMirrorModule):
 
 
 def test_bf16_mixed_keeps_frozen_modules_bf16_and_trainable_ones_fp32():
-    cfg = load_config("full", overrides=["trainer.precision=bf16-mixed", "eval.enabled=false"])
+    cfg = load_config("full", overrides=["trainer.precision=bf16-mixed", "eval.enabled=false", *PAPER_TRAINING])
     module = MagicMirrorModule(cfg, stage="image_pretrain")
     trainable, frozen = _split(module)
     assert trainable and frozen

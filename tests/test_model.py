@@ -6,9 +6,10 @@ from diffusers import CogVideoXTransformer3DModel
 
 from mm_lightning.ablation_matrix import load_matrix
 from mm_lightning.config import list_experiments, load_config
-from mm_lightning.models.loading import MissingWeightsError, check_weight_paths, load_components
+from mm_lightning.models.loading import MissingWeightsError, check_weight_paths, load_components, write_random_weights
 from mm_lightning.pipeline import build_pipeline
 from mm_lightning.text import identity_token_mask
+from tests.helpers import PAPER_TRAINING
 
 
 def _inputs(components, cfg, batch=2, latent_frames=3):
@@ -57,7 +58,7 @@ def test_fresh_adapted_model_equals_plain_diffusers_transformer(variant, overrid
 
 @pytest.mark.parametrize("experiment", list_experiments())
 def test_only_adapter_and_encoder_parameters_get_gradients(experiment):
-    cfg = load_config(experiment)
+    cfg = load_config(experiment, overrides=PAPER_TRAINING)
     components = load_components(cfg)
     latents, text, t, rotary, face = _inputs(components, cfg)
     model = components.transformer
@@ -132,7 +133,7 @@ def test_missing_weights_name_path_files_and_origin(tmp_path):
 
 
 def _fresh(overrides=()):
-    cfg = load_config("full", overrides=list(overrides))
+    cfg = load_config("full", overrides=PAPER_TRAINING + list(overrides))
     components = load_components(cfg)
     return cfg, components, components.transformer
 
@@ -165,6 +166,26 @@ def test_face_keys_join_the_joint_softmax():
     expected = scores.softmax(-1) @ torch.cat([v, v_face], 2)
     assert torch.allclose(merged, expected, atol=1e-6)
     assert torch.equal(merged[:, 0], out[:, 0])  # gate 0: the base attention, bit for bit
+
+
+def test_face_key_merge_has_the_joint_softmax_gradient():
+    # The face keys' log-sum-exp is taken as max(scores) - log(max(probs)): its gradient must be the joint
+    # softmax's. (The base keys' log-sum-exp comes from fused kernels without a gradient; q's is not compared.)
+    from mm_lightning.models.adapter import attention_with_lse, merge_face_keys
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8, dtype=torch.float64) for _ in range(3))
+    face = [torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    gate = torch.tensor([0.1, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, 20, 8, dtype=torch.float64)
+    out, lse = attention_with_lse(q, k, v)
+    got = torch.autograd.grad((merge_face_keys(out, lse, q, *face, gate) * weights).sum(), [*face, gate])
+    scores = torch.cat([q @ k.transpose(-1, -2), q @ face[0].transpose(-1, -2)], -1) / 8**0.5
+    scores = torch.cat([scores[..., :20], scores[..., 20:] + gate.log().view(1, 3, 1, 1)], -1)
+    expected = scores.softmax(-1) @ torch.cat([v, face[1]], 2)
+    want = torch.autograd.grad((expected * weights).sum(), [*face, gate])
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-8), (g - w).abs().max()
 
 
 def test_cross_attention_query_carries_no_rope():
@@ -228,3 +249,57 @@ def test_attention_with_lse_on_cuda(dtype):
     expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
     for got, want in zip(grads, expected_grads):
         assert torch.allclose(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_random_vae_weights_have_a_near_deterministic_posterior():
+    """As a trained VAE's: the written random VAE samples latents within 0.01 of its means, while the
+    means themselves still vary with the input (models/loading.py near_deterministic_posterior)."""
+    vae = load_components(load_config("full")).vae
+    posterior = vae.encode(torch.rand(2, 3, 1, 64, 64) * 2 - 1).latent_dist
+    assert posterior.std.max() < 0.01 < posterior.mean.std()
+
+
+def test_tiny_recipe_trains_the_backbone_and_keeps_the_face_perceivers():
+    model = load_components(load_config("full")).transformer
+    encoder = model.face_encoder
+    assert all(p.requires_grad for p in model.base.parameters())
+    for part in (encoder.id_perceiver, encoder.face_perceiver, encoder.face_proj, encoder.clip):
+        assert not any(p.requires_grad for p in part.parameters())
+    assert not encoder.face_queries.requires_grad
+    assert all(p.requires_grad for p in encoder.fusion.parameters())  # x_id still learns its way into the prompt
+    assert all(p.requires_grad for p in model.id_proj.parameters())
+
+
+def test_a_face_key_gate_pushed_below_zero_can_reopen():
+    """The gate is max(w, 0) going forward, with the gradient of w going back (straight-through): a head that
+    the first steps push below 0 is closed, as at 0, but still learns whether to open."""
+    cfg = load_config("full")
+    components = load_components(cfg)
+    model = components.transformer
+    latents, text, t, rotary, face = _inputs(components, cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.abs().sum() == 0:
+                p.normal_(std=0.1)
+    gate = model.base.transformer_blocks[0].face_key_gate
+    outputs = {}
+    for value in (0.0, -0.1):
+        with torch.no_grad():
+            gate.fill_(value)
+        gate.grad = None
+        out = model(latents, text, t, image_rotary_emb=rotary, face=face)[0]
+        out.pow(2).mean().backward(retain_graph=True)
+        outputs[value] = out.detach()
+        assert gate.grad is not None and (gate.grad != 0).all(), (value, gate.grad)
+    assert torch.equal(outputs[0.0], outputs[-0.1])  # closed below 0 exactly as at 0
+
+
+def test_writing_random_weights_leaves_the_callers_random_state(tmp_path):
+    # A first run, which writes the tiny weights, must train exactly as a later one that finds them.
+    cfg = load_config("full", overrides=[f"cache_dir={tmp_path}"])
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    write_random_weights(cfg)
+    assert (tmp_path / "tiny-weights-v2" / "transformer").is_dir()
+    assert torch.equal(torch.rand(3), expected)

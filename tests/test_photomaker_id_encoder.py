@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from mm_lightning.config import ConfigError, load_config
 from mm_lightning.models.loading import load_components
+from tests.helpers import PAPER_TRAINING
 
 
 def photomaker_v2_id_encoder(clip_state: dict, id_dim: int, clip_dim: int, dim: int, tokens: int, depth: int) -> dict:
@@ -111,9 +112,8 @@ def test_photomaker_v2_checkpoint_loads_key_for_key(tmp_path, suffix):
         )
     assert torch.allclose(ours, theirs, atol=1e-5)
 
-    frozen = load_components(
-        load_config("full", overrides=[f"weights.photomaker_v2={path}", "model.freeze_id_perceiver=true"])
-    )
+    overrides = [f"weights.photomaker_v2={path}", "model.freeze_id_perceiver=true", *PAPER_TRAINING]
+    frozen = load_components(load_config("full", overrides=overrides))
     trainable = {n for n, p in frozen.transformer.face_encoder.id_perceiver.named_parameters() if p.requires_grad}
     assert trainable == {"proj.weight", "proj.bias"}  # PhotoMakerV2's part frozen, the new projection trains
 

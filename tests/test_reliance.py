@@ -50,7 +50,8 @@ def _two_identity_probe(cfg, module, zero_faces: bool = False) -> RelianceProbe:
 
 
 def _train_on(module, probe, steps: int = 100) -> None:
-    """Plain AdamW on the probe's two samples (each with its own reference), random noise and timesteps."""
+    """Plain AdamW on the probe's two samples (each with its own reference), random noise, and timesteps drawn
+    as the profile's training draws them."""
     latents, prompt_embeds, mask, _ = probe.encoded(module)
     params = [p for p in module.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
@@ -58,7 +59,7 @@ def _train_on(module, probe, steps: int = 100) -> None:
     for _ in range(steps):
         face = module.transformer.encode_face(probe.ref_pixels, probe.id_embedding, mask)
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, 1000, (len(latents),), generator=generator)
+        timesteps = module.sample_timesteps(len(latents), generator, latents.device)
         _, error = module.denoising_error(latents, prompt_embeds, face, noise, timesteps)
         optimizer.zero_grad()
         error.mean().backward()
@@ -93,5 +94,5 @@ def test_ablation_table_shows_id_reliance_over_seeds_against_full():
     table = ablation_table.aggregate("ablation", "m", runs, ablation_table.DEFAULT_METRICS, {})
     text = ablation_table.render(table, "md")
     assert "| id_reliance | Δ full |" in text
-    assert "| 0.030 ± 0.014 (n=2) | +0.000 |" in text
-    assert "| 0.010 ± 0.000 (n=2) | -0.020 |" in text
+    assert "| 0.0300 ± 0.0141 (n=2) | +0.0000 |" in text
+    assert "| 0.0100 ± 0.0000 (n=2) | -0.0200 |" in text

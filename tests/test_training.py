@@ -5,7 +5,7 @@ import lightning as L
 import pytest
 import torch
 
-from mm_lightning.config import load_config
+from mm_lightning.config import ConfigError, load_config
 from mm_lightning.curriculum import build_datamodule, build_trainer
 from mm_lightning.data.latent_cache import StaleCacheError, open_cache, write_cache
 from mm_lightning.module import MagicMirrorModule, NonFiniteLossError
@@ -119,3 +119,15 @@ def _copy_demo(tmp_path):
     root = tmp_path / "data"
     shutil.copytree(ensure_demo_dataset(cfg.cache_dir), root)
     return root
+
+
+def test_training_timesteps_follow_loss_timestep_sampling():
+    module = MagicMirrorModule(load_config("full", overrides=["eval.enabled=false"]), stage="image_pretrain")
+    draw = lambda: module.sample_timesteps(20000, torch.Generator().manual_seed(0), "cpu").float()  # noqa: E731
+    tiny = draw()  # the tiny profile: logit-normal around sigmoid(1.5) = 0.82 of the schedule
+    assert 0 <= tiny.min() and tiny.max() <= 999 and 790 < tiny.median() < 850
+    module.cfg.loss.timestep_sampling = "uniform"  # the paper's (base.yaml)
+    uniform = draw()
+    assert 0 <= uniform.min() and uniform.max() <= 999 and 480 < uniform.median() < 520
+    with pytest.raises(ConfigError, match="loss.timestep_sampling must be uniform, logit_normal or mode"):
+        load_config("full", overrides=["loss.timestep_sampling=lognormal"])

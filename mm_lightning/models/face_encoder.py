@@ -128,6 +128,14 @@ class DualBranchFaceEncoder(nn.Module):
             )
             self.face_proj = nn.Sequential(nn.Linear(perceiver_dim, inner_dim), nn.LayerNorm(inner_dim))
 
+    def freeze_perceivers(self) -> None:
+        """Keeps what turns the face into x_id and x_face as it is (model.train_face_encoder=false)."""
+        for part in (self.id_perceiver, self.face_perceiver, self.face_proj):
+            if part is not None:
+                part.requires_grad_(False)
+        if self.face_queries is not None:
+            self.face_queries.requires_grad_(False)
+
     @torch.no_grad()
     def clip_features(self, ref_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ref_pixels [B, 3, S, S] or [B, R, 3, S, S] in [0, 1] -> (last, penultimate) [B, R*N, C].
@@ -156,10 +164,10 @@ class DualBranchFaceEncoder(nn.Module):
             dtype = self.id_perceiver.proj.weight.dtype
             x_id = self.id_perceiver(id_embeds.to(dtype), last.to(dtype))  # [B, num_id_tokens, P]
         if self.face_perceiver is not None:
-            queries = self.face_queries.expand(penultimate.shape[0], -1, -1)
-            x_face = self.face_proj(
-                self.face_perceiver(queries, penultimate.to(queries.dtype))
-            )  # [B, num_face_tokens, D]
+            # The perceiver's dtype, not the queries': a bare parameter escapes the dtype policy when frozen.
+            dtype = self.face_perceiver.proj_in.weight.dtype
+            queries = self.face_queries.to(dtype).expand(penultimate.shape[0], -1, -1)
+            x_face = self.face_proj(self.face_perceiver(queries, penultimate.to(dtype)))  # [B, num_face_tokens, D]
         return FaceConditioning(x_id, x_face, identity_mask)
 
     def fuse_text(

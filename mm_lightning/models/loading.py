@@ -102,36 +102,54 @@ def write_random_weights(
             return
         except MissingWeightsError:
             pass
-        torch.manual_seed(0)
-        tokenizer = _tiny_tokenizer()
-        t5_config = T5Config(**_plain(arch.text_encoder))
-        assert len(tokenizer) <= t5_config.vocab_size, (
-            "architecture.text_encoder.vocab_size is smaller than the tokenizer"
-        )
-        builders = {  # built one at a time: at 5B scale they don't all need to be in memory at once
-            "transformer": lambda: CogVideoXTransformer3DModel.from_config(_plain(arch.transformer)),
-            "vae": lambda: AutoencoderKLCogVideoX.from_config(_plain(arch.vae)),
-            "text_encoder": lambda: T5EncoderModel(t5_config),
-            "tokenizer": lambda: tokenizer,
-            "scheduler": lambda: CogVideoXDPMScheduler.from_config(_plain(arch.scheduler)),
-            "image_encoder": lambda: CLIPVisionModel(CLIPVisionConfig(**_plain(arch.image_encoder))),
-        }
-        for name, build in builders.items():
-            tmp = targets[name].with_name(targets[name].name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            with torch.device(device):
-                model = build()
-            if isinstance(model, torch.nn.Module):
-                model.to(dtype)
-            model.save_pretrained(tmp)
-            del model
-            if name == "image_encoder":
-                size = arch.image_encoder.image_size
-                CLIPImageProcessorPil(
-                    size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-                ).save_pretrained(tmp)
-            shutil.rmtree(targets[name], ignore_errors=True)
-            tmp.rename(targets[name])
+        # Seeded, in a forked random state: a first run that writes the weights must train exactly as a later
+        # one that finds them, so the caller's random state is left as it was.
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            torch.manual_seed(0)
+            tokenizer = _tiny_tokenizer()
+            t5_config = T5Config(**_plain(arch.text_encoder))
+            assert len(tokenizer) <= t5_config.vocab_size, (
+                "architecture.text_encoder.vocab_size is smaller than the tokenizer"
+            )
+            builders = {  # built one at a time: at 5B scale they don't all need to be in memory at once
+                "transformer": lambda: CogVideoXTransformer3DModel.from_config(_plain(arch.transformer)),
+                "vae": lambda: near_deterministic_posterior(AutoencoderKLCogVideoX.from_config(_plain(arch.vae))),
+                "text_encoder": lambda: T5EncoderModel(t5_config),
+                "tokenizer": lambda: tokenizer,
+                "scheduler": lambda: CogVideoXDPMScheduler.from_config(_plain(arch.scheduler)),
+                "image_encoder": lambda: CLIPVisionModel(CLIPVisionConfig(**_plain(arch.image_encoder))),
+            }
+            for name, build in builders.items():
+                tmp = targets[name].with_name(targets[name].name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                with torch.device(device):
+                    model = build()
+                if isinstance(model, torch.nn.Module):
+                    model.to(dtype)
+                model.save_pretrained(tmp)
+                del model
+                if name == "image_encoder":
+                    size = arch.image_encoder.image_size
+                    CLIPImageProcessorPil(
+                        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+                    ).save_pretrained(tmp)
+                shutil.rmtree(targets[name], ignore_errors=True)
+                tmp.rename(targets[name])
+
+
+def near_deterministic_posterior(vae: AutoencoderKLCogVideoX) -> AutoencoderKLCogVideoX:
+    """Random VAE weights whose posterior is as sharp as a trained VAE's.
+
+    At random init the log-variance half of the encoder's output gives a posterior std of about 1,
+    three times the spread of its means (tiny profile: 1.03 against 0.33), so every training target
+    would be mostly fresh sampling noise and the loss would hide what the model learns. Here the
+    log-variance starts at -10 whatever the input (std 0.007); the means stay random."""
+    conv = vae.encoder.conv_out.conv  # [2 * latent_channels] outputs: means, then log-variances
+    half = conv.out_channels // 2
+    with torch.no_grad():
+        conv.weight[half:] = 0
+        conv.bias[half:] = -10.0
+    return vae
 
 
 def _tiny_tokenizer() -> T5Tokenizer:
@@ -246,8 +264,17 @@ def build_magicmirror(
         clip_mean=clip_mean,
         clip_std=clip_std,
     )
+    if not m.train_face_encoder:
+        encoder.freeze_perceivers()
     return MagicMirrorTransformer(
-        base, encoder, list(m.branches), m.face_modality, m.can, m.can_hidden_dim, face_attention=m.face_attention
+        base,
+        encoder,
+        list(m.branches),
+        m.face_modality,
+        m.can,
+        m.can_hidden_dim,
+        face_attention=m.face_attention,
+        train_backbone=m.train_backbone,
     )
 
 

@@ -30,9 +30,10 @@ class MagicMirrorTransformer(nn.Module):
         can: bool,
         can_hidden_dim: int,
         face_attention: str = "joint",
+        train_backbone: bool = False,
     ):
         super().__init__()
-        self.base = base.requires_grad_(False)
+        self.base = base.requires_grad_(train_backbone)
         self.face_encoder = face_encoder
         self.config = base.config  # what CogVideoXPipeline reads (patch size, sample size, ...)
         time_dim = base.config.time_embed_dim

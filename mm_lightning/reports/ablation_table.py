@@ -31,6 +31,7 @@ TABLE3_METRICS = ("text_alignment", "fm_inter", "id_similarity")  # the columns 
 DEFAULT_METRICS = (*TABLE3_METRICS, "fm_inter_face", "face_rate", "id_reliance")
 BASELINE = "full"
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}  # format -> artifact file extension
+DIGITS = {"id_reliance": 4}  # decimals where 3 are too few (the tiny profile's probe reads a few thousandths); else 3
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 PAPER_MISSING = "not reported in the paper's Table 3"
 
@@ -270,9 +271,10 @@ def _grid(table: AblationTable, style: _Style, with_paper: bool):
         row = [style.escape(table.label(variant))]
         for metric in table.metrics:
             cell = table.cells[variant, metric]
-            row.append(_format_cell(cell, style) + style.mark(notes.mark(cell.notes)))
+            digits = DIGITS.get(metric, 3)
+            row.append(_format_cell(cell, style, digits) + style.mark(notes.mark(cell.notes)))
             delta = table.delta(variant, metric)
-            row.append(style.dash if delta is None else f"{delta:+.3f}")
+            row.append(style.dash if delta is None else f"{delta:+.{digits}f}")
             if with_paper:
                 value = table.paper.get(variant, {}).get(metric)
                 row.append(style.dash + style.mark(notes.mark([PAPER_MISSING])) if value is None else f"{value:.3f}")
@@ -281,11 +283,11 @@ def _grid(table: AblationTable, style: _Style, with_paper: bool):
     return header, rows, footnotes
 
 
-def _format_cell(cell: Cell, style: _Style) -> str:
+def _format_cell(cell: Cell, style: _Style, digits: int) -> str:
     if cell.mean is None:
         return style.dash
-    spread = "" if cell.std is None else f" {style.pm} {cell.std:.3f}"
-    return f"{cell.mean:.3f}{spread} (n={cell.n})"
+    spread = "" if cell.std is None else f" {style.pm} {cell.std:.{digits}f}"
+    return f"{cell.mean:.{digits}f}{spread} (n={cell.n})"
 
 
 def _render_md(table: AblationTable, with_paper: bool) -> str:
