@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from insightface.utils.face_align import norm_crop
+from omegaconf import OmegaConf
 from skimage import data
 
 from mm_lightning.config import load_config
@@ -93,3 +94,19 @@ def test_identity_loss_reaches_the_adapter_and_falls(module):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.03, losses
+
+
+def test_with_gradient_checkpointing_the_decoder_is_recomputed_with_the_same_gradient(module):
+    checkpointed = MagicMirrorModule(
+        OmegaConf.merge(module.cfg, {"trainer": {"gradient_checkpointing": True}}), "image_pretrain"
+    )
+    assert checkpointed.vae.decoder.gradient_checkpointing and not module.vae.decoder.gradient_checkpointing
+    batch, timesteps = _fixed(module, _batch(size=1)), torch.tensor([100])
+    grads = []
+    for recompute in (False, True):
+        module.vae.enable_gradient_checkpointing() if recompute else module.vae.disable_gradient_checkpointing()
+        module.transformer.zero_grad()
+        _identity_loss(module, batch, timesteps).backward()
+        grads.append(module.transformer.get_parameter("base.transformer_blocks.0.can.2.weight").grad.clone())
+    module.vae.disable_gradient_checkpointing()
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
