@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Training with no evaluation that checkpoints every 4 steps: stage 1 runs on for 16 steps after its first
@@ -100,3 +102,12 @@ def artifacts(client, run_id: str, path: str | None = None) -> list[str]:
     for item in client.list_artifacts(run_id, path):
         out += artifacts(client, run_id, item.path) if item.is_dir else [item.path]
     return out
+
+
+def open_adapters(model: torch.nn.Module) -> None:
+    """Gives the zero-initialised trainable tensors of `model` a value (std 0.1), so that its face pathways change
+    the output and pass gradients on, as they do once trained."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.abs().sum() == 0:
+                p.normal_(std=0.1)

@@ -13,7 +13,7 @@ from mm_lightning.config import load_config
 from mm_lightning.evaluation.eval_set import load_eval_set
 from mm_lightning.models.loading import load_components
 from mm_lightning.pipeline import build_pipeline, offload, sample_video
-from tests.helpers import PAPER_TRAINING
+from tests.helpers import PAPER_TRAINING, open_adapters
 
 
 def _sample(cfg, pipe, negative_prompt=None):
@@ -28,10 +28,7 @@ def tiny():
     """Config, models with non-zero adapters (so that the face stream matters), and the plain pipeline's video."""
     cfg = load_config("full", overrides=["sampling.num_inference_steps=2", *PAPER_TRAINING])
     components = load_components(cfg)
-    with torch.no_grad():
-        for p in components.transformer.parameters():
-            if p.requires_grad and p.abs().sum() == 0:
-                p.normal_(std=0.1)
+    open_adapters(components.transformer)
     return cfg, components, _sample(cfg, build_pipeline(components))
 
 

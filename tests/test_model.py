@@ -9,7 +9,7 @@ from mm_lightning.config import list_experiments, load_config
 from mm_lightning.models.loading import MissingWeightsError, check_weight_paths, load_components, write_random_weights
 from mm_lightning.pipeline import build_pipeline
 from mm_lightning.text import identity_token_mask
-from tests.helpers import PAPER_TRAINING
+from tests.helpers import PAPER_TRAINING, open_adapters
 
 
 def _inputs(components, cfg, batch=2, latent_frames=3):
@@ -48,10 +48,8 @@ def test_fresh_adapted_model_equals_plain_diffusers_transformer(variant, overrid
     assert (adapted - expected).abs().max().item() <= 1e-5
 
     # The adapters are really in the path: non-zero values and modulations change the output.
+    open_adapters(components.transformer)
     with torch.no_grad():
-        for p in components.transformer.parameters():
-            if p.requires_grad and p.abs().sum() == 0:
-                p.normal_(std=0.1)
         perturbed = components.transformer(latents, text, t, image_rotary_emb=rotary, face=face)[0]
     assert (perturbed - expected).abs().max().item() > 1e-3
 
@@ -63,10 +61,7 @@ def test_only_adapter_and_encoder_parameters_get_gradients(experiment):
     latents, text, t, rotary, face = _inputs(components, cfg)
     model = components.transformer
     # Zero-init outputs block the gradient to everything upstream; give them a value first.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and p.abs().sum() == 0:
-                p.normal_(std=0.1)
+    open_adapters(model)
     face = model.encode_face(*_face_args(components, cfg))
     model(latents, text, t, image_rotary_emb=rotary, face=face)[0].pow(2).mean().backward()
     base_names = {
@@ -213,10 +208,8 @@ def test_guidance_can_drop_the_face_from_the_unconditional_branch():
     cfg, components, model = _fresh()
     plain = CogVideoXTransformer3DModel.from_pretrained(cfg.weights.transformer)
     latents, text, t, rotary, face = _inputs(components, cfg, batch=1)
+    open_adapters(model)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and p.abs().sum() == 0:
-                p.normal_(std=0.1)
         twice = lambda x: torch.cat([x, x])  # noqa: E731
         expected = plain(latents, text, t, image_rotary_emb=rotary, return_dict=False)[0]
         dropped = model(
@@ -277,10 +270,7 @@ def test_a_face_key_gate_pushed_below_zero_can_reopen():
     components = load_components(cfg)
     model = components.transformer
     latents, text, t, rotary, face = _inputs(components, cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and p.abs().sum() == 0:
-                p.normal_(std=0.1)
+    open_adapters(model)
     gate = model.base.transformer_blocks[0].face_key_gate
     outputs = {}
     for value in (0.0, -0.1):
