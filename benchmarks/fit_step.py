@@ -10,13 +10,12 @@ mm_lightning.models.loading and T5/VAE left out as `fit` leaves them out; only c
 logging are off. A callback synchronises the GPU around every optimizer step and reads the peak
 allocated memory of each rank.
 
---identity turns the ArcFace identity loss on (λ = 0.05, the 5B profile's value) with the
-snapshot's ArcFace-shaped ONNX converted by onnx2torch, as DifferentiableArcFace does with
-insightface's recogniser (the insightface pack itself needs a face detector a random snapshot
-can't stand in for). --sample then samples one video with the configured sampling settings
-through diffusers' pipeline over the module's models, and the bare CogVideoX-5B pipeline on
-the same settings, in the same process, and profiles one guided denoising step of each (torch.profiler,
-top ops by GPU time). Results go to benchmarks/<name>.json.
+--identity turns the ArcFace identity loss on (λ = 0.05, the 5B profile's value), through the
+snapshot's stand-in insightface pack as `fit` loads it (faces.backend=insightface). --sample then
+samples one video with the configured sampling settings through diffusers' pipeline over the
+module's models, and the bare CogVideoX-5B pipeline on the same settings, in the same process,
+and profiles one guided denoising step of each (torch.profiler, top ops by GPU time). Results go
+to benchmarks/<name>.json.
 """
 
 from __future__ import annotations
@@ -76,16 +75,10 @@ class StepStats(L.Callback):
 
 def train_steps(cfg, stage: str, args, identity: bool) -> dict:
     cfg = copy.deepcopy(cfg)  # the identity run changes its own copy
-    needed = frozen_models_needed(cfg)
-    module = MagicMirrorModule(cfg, stage=stage, **{**needed, "vae": needed["vae"] or identity})
-    if identity:  # the 5B profile's identity loss, with the snapshot's ArcFace-shaped ONNX
-        from mm_lightning.faces.arcface import DifferentiableArcFace, _import_onnx2torch
-
-        net = _import_onnx2torch().convert(str(Path(args.snapshot) / "arcface.onnx"))
-        module.arcface = DifferentiableArcFace(net, 127.5, 127.5).to(frozen_dtype(cfg))
-        module.cfg.loss.identity_weight = 0.05
-        if "identity_max_timestep" in module.cfg.loss:  # every step pays for the decode, for a stable timing
-            module.cfg.loss.identity_max_timestep = module.scheduler.config.num_train_timesteps
+    if identity:  # the 5B profile's identity loss; every step pays for the decode, for a stable timing
+        cfg.loss.identity_weight = 0.05
+        cfg.loss.identity_max_timestep = cfg.architecture.scheduler.num_train_timesteps
+    module = MagicMirrorModule(cfg, stage=stage, **frozen_models_needed(cfg))
     s, t = cfg.curriculum.stages[stage], cfg.trainer
     stats = StepStats()
     trainer = L.Trainer(  # curriculum.build_trainer's settings, without checkpoints or a logger

@@ -1,6 +1,7 @@
 #!/bin/bash
 # The real-scale runs of issue 13, exactly as sent to the GPU machines, from the repository root:
 #   bash benchmarks/real_scale.sh fit      # 1 GPU: random 5B snapshot, fit both stages + checkpoint + kill + --resume
+#   bash benchmarks/real_scale.sh evalfit  # 1 GPU: fit with evaluation (one video per stage, the stand-in face pack)
 #   bash benchmarks/real_scale.sh step     # 1 GPU: fit's step (with and without identity loss), bench on the same GPU
 #   bash benchmarks/real_scale.sh sample   # 1 GPU: one 49x480x720 video, MagicMirror vs the bare pipeline
 #   bash benchmarks/real_scale.sh optim    # 1 GPU: fit's step with 8-bit AdamW (torchao; carry its wheel)
@@ -58,6 +59,15 @@ for f in sorted(run.glob("checkpoints/*/*.ckpt")):
     print(f"{f.relative_to(run)}: global_step {ckpt['global_step']}, {f.stat().st_size / 2**30:.1f} GiB")
 EOF
   ;;
+evalfit)
+  snapshot || exit 1
+  # Both stages one optimizer step each; each stage ends with an evaluation pass: one 49x480x720 video with the
+  # configured sampling steps, scored through the snapshot's stand-in face pack (its face metrics mean nothing),
+  # and the identity-reliance probe.
+  python -m mm_lightning fit --profile "$PROFILE" $(overrides) $EXTRA output_dir="$RUNS/evalfit" eval.max_videos=1 \
+    curriculum.stages.image_pretrain.max_steps=1 curriculum.stages.video_finetune.max_steps=1 loss.identity_weight=0 \
+    2>&1 | quiet | tee "$OUT/fit_eval.log"
+  ;;
 step)
   snapshot || exit 1
   python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --identity --steps 3 --warmup 2 \
@@ -103,5 +113,5 @@ multi)
     grep -E "s/step|Error" "$LOG" | tail -n 2
   done
   ;;
-*) echo "usage: $0 snapshot|fit|step|sample|optim|generate|multi"; exit 2 ;;
+*) echo "usage: $0 snapshot|fit|evalfit|step|sample|optim|generate|multi"; exit 2 ;;
 esac

@@ -9,8 +9,8 @@ from skimage import data
 
 from mm_lightning.config import load_config
 from mm_lightning.faces.crops import aligned_face_crops
+from mm_lightning.faces.stand_ins import write_insightface_pack
 from mm_lightning.module import MagicMirrorModule
-from tests.faces.onnx_models import make_insightface_root
 
 
 def test_aligned_crops_match_insightface_norm_crop():
@@ -27,7 +27,7 @@ def test_aligned_crops_match_insightface_norm_crop():
 
 @pytest.fixture(scope="module")
 def module(tmp_path_factory):
-    root = make_insightface_root(tmp_path_factory.mktemp("insightface"))
+    root = write_insightface_pack(tmp_path_factory.mktemp("insightface"))
     cfg = load_config(
         "full",
         overrides=[

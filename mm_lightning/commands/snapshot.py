@@ -4,11 +4,13 @@ Writes a random-weights snapshot of a profile's architecture in the layouts the 
 come in, so the real loading path (`fit`, `generate`, `bench`) runs on a machine without them:
   DIR/{transformer,vae,text_encoder,tokenizer,scheduler}/  diffusers CogVideoX layout (T5-XXL encoder)
   DIR/clip-vision/                                          CLIPVisionModel + preprocessor_config.json
-  DIR/arcface.onnx                                          [N,3,112,112] -> [N,512], ArcFace-shaped
+  DIR/insightface/models/antelopev2/                        stand-in SCRFD detector + ArcFace-shaped recogniser
   DIR/data/ (--samples N)                                   a synthetic latent cache for every stage
 The tokenizer is the tiny profile's word-list T5 tokenizer (the real spiece.model is not
-random-initialisable); the ONNX is a small conv net with ArcFace's input/output shapes, not
-an iResNet-100; neither changes the shapes or the code path of training.
+random-initialisable). The insightface pack holds faces/stand_ins.py's ONNX models: a detector
+that reports every bright 32x32 cell as a face and a pooled linear ArcFace ([N,3,112,112] ->
+[N,512]), not SCRFD-10G and iResNet-100. They keep the shapes and the code path of training, the
+identity loss and evaluation (whose face metrics then mean nothing).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from mm_lightning.faces.stand_ins import write_insightface_pack
     from mm_lightning.models.loading import write_random_weights
 
     out = Path(args.out).resolve()
@@ -43,7 +46,7 @@ def run(args) -> int:
     timings = {}
     start = time.perf_counter()
     write_random_weights(cfg, device=args.device, dtype=getattr(torch, args.dtype))
-    write_arcface_onnx(out / "arcface.onnx")
+    write_insightface_pack(out / "insightface", cfg.faces.insightface_model)
     timings["weights_s"] = round(time.perf_counter() - start, 1)
     if args.samples:
         start = time.perf_counter()
@@ -57,10 +60,11 @@ def run(args) -> int:
 
 
 def snapshot_overrides(out: Path) -> list[str]:
-    """The config a snapshot is used with: its weight folders, its synthetic data, no detector-based eval."""
+    """The config a snapshot is used with: its weight folders, its insightface pack, its synthetic data."""
     names = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     return [f"weights.{name}={out / name}" for name in names] + [
         f"weights.image_encoder={out / 'clip-vision'}",
+        f"faces.insightface_root={out / 'insightface'}",
         f"data.root={out / 'data'}",
     ]
 
@@ -69,40 +73,6 @@ def snapshot_config(experiment: str, profile: str, out: Path, overrides=()):
     from mm_lightning.config import load_config
 
     return load_config(experiment, profile, [*snapshot_overrides(out), "weights.create_random=false", *overrides])
-
-
-def write_arcface_onnx(path: Path) -> None:
-    """A small random conv net with ArcFace's interface ([N,3,112,112] -> [N,512]) as ONNX.
-
-    Built with onnx.helper: stride-2 3x3 convs with ReLU (112 -> 7), global pooling, a Gemm to 512."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    nodes, inits, x, cin = [], [], "input.1", 3
-    for i, cout in enumerate((64, 128, 256, 512)):
-        w = rng.normal(0, (2 / (9 * cin)) ** 0.5, (cout, cin, 3, 3)).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        conv = helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-        nodes += [conv, helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
-        x, cin = f"r{i}", cout
-    inits += [
-        numpy_helper.from_array(rng.normal(0, 0.03, (512, cin)).astype(np.float32), "fc"),
-        numpy_helper.from_array(np.zeros(512, np.float32), "fc_b"),
-    ]
-    nodes += [
-        helper.make_node("GlobalAveragePool", [x], ["pool"]),
-        helper.make_node("Flatten", ["pool"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["683"], transB=1),
-    ]
-    inputs = [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [None, 3, 112, 112])]
-    outputs = [helper.make_tensor_value_info("683", TensorProto.FLOAT, [None, 512])]
-    graph = helper.make_graph(nodes, "arcface_shaped", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
 
 
 def write_synthetic_cache(cfg, stage: str, samples: int) -> Path:

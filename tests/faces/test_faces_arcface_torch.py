@@ -10,7 +10,7 @@ from insightface.model_zoo import get_model
 
 from mm_lightning.config import FacesConfig
 from mm_lightning.faces import DifferentiableArcFace, differentiable_embedder
-from tests.faces.onnx_models import make_arcface_onnx, make_insightface_root
+from mm_lightning.faces.stand_ins import write_arcface_onnx, write_insightface_pack
 
 
 def rgb_crops(n=3, seed=0):
@@ -22,7 +22,7 @@ def rgb_crops(n=3, seed=0):
 @pytest.mark.parametrize("mxnet_style", [False, True])
 def test_matches_insightface_onnxruntime(tmp_path, mxnet_style):
     path = tmp_path / "rec.onnx"
-    make_arcface_onnx(path, seed=1, mxnet_style=mxnet_style)
+    write_arcface_onnx(path, seed=1, mxnet_style=mxnet_style)
     model = DifferentiableArcFace.from_onnx(path)
     assert (model.input_mean, model.input_std) == ((0.0, 1.0) if mxnet_style else (127.5, 127.5))
 
@@ -38,7 +38,7 @@ def test_matches_insightface_onnxruntime(tmp_path, mxnet_style):
 
 
 def test_gradients_reach_input_only(tmp_path):
-    make_arcface_onnx(tmp_path / "rec.onnx")
+    write_arcface_onnx(tmp_path / "rec.onnx")
     model = DifferentiableArcFace.from_onnx(tmp_path / "rec.onnx")
     torch.nn.Sequential(model).train()  # a parent's train() must leave the frozen embedder in eval
     assert not model.training and not any(m.training for m in model.modules())
@@ -51,7 +51,7 @@ def test_gradients_reach_input_only(tmp_path):
 
 
 def test_from_insightface_root_uses_pack_recogniser(tmp_path):
-    root = make_insightface_root(tmp_path)
+    root = write_insightface_pack(tmp_path)
     model = differentiable_embedder(FacesConfig("insightface", str(root), "antelopev2"))
     assert isinstance(model, DifferentiableArcFace)
     assert model(torch.zeros(1, 3, 112, 112)).shape == (1, 512)

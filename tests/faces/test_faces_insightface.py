@@ -6,12 +6,13 @@ import pytest
 from insightface.utils import face_align
 
 from mm_lightning.faces import InsightFaceAnalyzer, NoFaceError, build_face_analyzer
-from tests.faces.onnx_models import fake_face_image, make_insightface_root
+from mm_lightning.faces.stand_ins import write_insightface_pack
+from tests.faces.onnx_models import fake_face_image
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return make_insightface_root(tmp_path_factory.mktemp("insightface"))
+    return write_insightface_pack(tmp_path_factory.mktemp("insightface"))
 
 
 @pytest.fixture(scope="module")
