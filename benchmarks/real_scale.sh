@@ -10,6 +10,10 @@
 #                                          # (4 GPUs: MULTI="deepspeed_stage_3 4,deepspeed_stage_2 4,fsdp 4")
 #   bash benchmarks/real_scale.sh snapshot # only the snapshot (before running modes side by side, one per GPU)
 # PROFILE=tiny runs the same commands on CPU-sized models (the dry run). Logs and JSON go to $OUT.
+# `python -P`: the installed mm_lightning, not the repository folder's (installing maps callbacks/ and evaluation/
+# into the package; from the repository root the bare folder would shadow it).
+# The GPU image lacks insightface and ffmpeg: carry insightface's wheel and imageio-ffmpeg's (its ffmpeg binary;
+# 21 MB as .tar.xz when the 64 MiB carry is tight) for evalfit, step and sample with EXTRA=faces.backend=insightface.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MLFLOW_TRACKING_URI=sqlite:////tmp/mm_mlflow.db
 PROFILE=${PROFILE:-cogvideox-5b}
@@ -24,7 +28,7 @@ quiet() { grep --line-buffered -v -E "Writing model shards|Loading weights|it/s\
 
 snapshot() {
   [ -f "$SNAP/data/.mm_latents/video_finetune/index.json" ] && return
-  python -m mm_lightning snapshot --profile "$PROFILE" \
+  python -P -m mm_lightning snapshot --profile "$PROFILE" \
     --out "$SNAP" --device "$DEVICE" --samples 8 $EXTRA 2>&1 | quiet | tee "$OUT/snapshot.log"
 }
 overrides() { python -c "from pathlib import Path; from mm_lightning.commands.snapshot import snapshot_overrides as o; print(' '.join(o(Path('$SNAP'))))"; }
@@ -33,7 +37,7 @@ case "$1" in
 snapshot) snapshot ;;
 fit)
   snapshot || exit 1
-  FIT="python -m mm_lightning fit --profile $PROFILE $(overrides) $EXTRA eval.enabled=false loss.identity_weight=0
+  FIT="python -P -m mm_lightning fit --profile $PROFILE $(overrides) $EXTRA eval.enabled=false loss.identity_weight=0
        output_dir=$RUNS curriculum.stages.image_pretrain.max_steps=1 trainer.checkpoint_every_n_steps=2"
   df -h /tmp /dev/shm | tee "$OUT/fit.log"
   # A real interruption: kill -9 once the video stage's step-2 checkpoint is in place, then --resume.
@@ -64,7 +68,7 @@ evalfit)
   # Both stages one optimizer step each; each stage ends with an evaluation pass: one 49x480x720 video with the
   # configured sampling steps, scored through the snapshot's stand-in face pack (its face metrics mean nothing),
   # and the identity-reliance probe.
-  python -m mm_lightning fit --profile "$PROFILE" $(overrides) $EXTRA output_dir="$RUNS/evalfit" eval.max_videos=1 \
+  python -P -m mm_lightning fit --profile "$PROFILE" $(overrides) $EXTRA output_dir="$RUNS/evalfit" eval.max_videos=1 \
     curriculum.stages.image_pretrain.max_steps=1 curriculum.stages.video_finetune.max_steps=1 loss.identity_weight=0 \
     2>&1 | quiet | tee "$OUT/fit_eval.log"
   ;;
@@ -72,7 +76,7 @@ step)
   snapshot || exit 1
   python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --identity --steps 3 --warmup 2 \
     --name fit_step_1gpu --out-dir "$OUT" $EXTRA 2>&1 | quiet | tee "$OUT/fit_step_1gpu.log" || exit 1
-  python -m mm_lightning bench --profile "$PROFILE" --stage video --steps 3 --warmup 1 --device "$DEVICE" \
+  python -P -m mm_lightning bench --profile "$PROFILE" --stage video --steps 3 --warmup 1 --device "$DEVICE" \
     --out-dir "$OUT" 2>&1 | quiet | tee "$OUT/bench.log"
   ;;
 sample)

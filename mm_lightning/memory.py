@@ -53,7 +53,8 @@ def out_of_memory_error(cfg: DictConfig, stage: str, err: BaseException) -> Trai
     ]
     if cfg.loss.identity_weight > 0:
         options.append(
-            "loss.identity_frames=1 or loss.identity_weight=0 (the identity loss decodes frames with autograd)"
+            "loss.identity_vae_tiling=true, loss.identity_frames=1 or loss.identity_weight=0 (the identity loss "
+            "decodes frames with autograd; tiling: 36.5 instead of 41.4 GiB at 5B with 8-bit AdamW, +27% step time)"
         )
     lines = "\n  ".join(o for o in options if o)
     return TrainingOutOfMemoryError(

@@ -210,7 +210,12 @@ class MagicMirrorModule(L.LightningModule):
             return x0_pred.new_zeros(())
         n = min(self.cfg.loss.identity_frames, x0_pred.shape[1])
         latents = x0_pred[keep, :n].permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor  # [b, C, n, h, w]
-        frames = self.vae.decode(latents.to(self.vae.dtype)).sample  # [b, 3, T, H, W] in [-1, 1]
+        if self.cfg.loss.identity_vae_tiling:
+            self.vae.enable_tiling()
+        try:
+            frames = self.vae.decode(latents.to(self.vae.dtype)).sample  # [b, 3, T, H, W] in [-1, 1]
+        finally:
+            self.vae.disable_tiling()  # the VAE is shared with sampling, which sets its own
         step = self.pipe.vae_scale_factor_temporal
         landmarks = batch["face_landmarks"][keep]  # [b, F, 5, 2] training-frame pixels
         reference = batch["id_embedding"][keep].float()

@@ -12,7 +12,7 @@ from mm_lightning.cli import build_parser, main
 from mm_lightning.config import load_config
 from mm_lightning.evaluation.eval_set import load_eval_set
 from mm_lightning.models.loading import load_components
-from mm_lightning.pipeline import build_pipeline, offload, sample_video
+from mm_lightning.pipeline import build_pipeline, encode_prompts_then_load, offload, sample_video
 from tests.helpers import PAPER_TRAINING, open_adapters
 
 
@@ -48,6 +48,18 @@ def test_model_offload_gives_the_same_video(tiny):
         assert pipe._all_hooks and (_sample(cfg, pipe) == expected).all()
     finally:
         pipe.remove_all_hooks()
+
+
+def test_t5_returns_to_its_own_cpu_tensors_after_encoding(tiny):
+    # "meta" stands in for the GPU: T5 encodes there, then its parameters are the very CPU tensors they were
+    # before (no copy back), while the transformer and the VAE have moved.
+    cfg = tiny[0]
+    pipe = build_pipeline(load_components(cfg))
+    before = {name: p.data_ptr() for name, p in pipe.text_encoder.named_parameters()}
+    embeds, _ = encode_prompts_then_load(pipe, cfg, "a woman talking", device="meta")
+    assert embeds.device.type == "meta" and pipe.transformer.device.type == "meta"
+    assert {name: p.data_ptr() for name, p in pipe.text_encoder.named_parameters()} == before
+    assert all(p.device.type == "cpu" for p in pipe.text_encoder.parameters())
 
 
 def test_sequential_offload_puts_the_weights_behind_accelerate_hooks(tiny):

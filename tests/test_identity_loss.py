@@ -110,3 +110,33 @@ def test_with_gradient_checkpointing_the_decoder_is_recomputed_with_the_same_gra
         grads.append(module.transformer.get_parameter("base.transformer_blocks.0.can.2.weight").grad.clone())
     module.vae.disable_gradient_checkpointing()
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_tiled_identity_decode_reaches_the_adapter_and_leaves_tiling_off(module):
+    batch, timesteps = _fixed(module, _batch(size=1)), torch.tensor([100])
+    vae = module.vae
+    sizes = (
+        vae.tile_sample_min_height,
+        vae.tile_sample_min_width,
+        vae.tile_latent_min_height,
+        vae.tile_latent_min_width,
+    )
+    # Tiles of half the 64x64 frame, so that this tiny VAE decodes 2x2 of them (its own are larger than the frame).
+    vae.tile_sample_min_height = vae.tile_sample_min_width = 32
+    vae.tile_latent_min_height = vae.tile_latent_min_width = 32 // module.pipe.vae_scale_factor_spatial
+    grads, losses = [], []
+    try:
+        for tiled in (False, True):
+            module.cfg.loss.identity_vae_tiling = tiled
+            module.transformer.zero_grad()
+            loss = _identity_loss(module, batch, timesteps)
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(module.transformer.get_parameter("base.transformer_blocks.0.can.2.weight").grad.flatten())
+    finally:
+        module.cfg.loss.identity_vae_tiling = False
+        vae.tile_sample_min_height, vae.tile_sample_min_width, vae.tile_latent_min_height, vae.tile_latent_min_width = (
+            sizes
+        )
+    assert not vae.use_tiling
+    assert grads[1].abs().sum() > 0 and losses[0] != losses[1]

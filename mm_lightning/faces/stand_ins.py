@@ -28,6 +28,13 @@ CELL_KPS = np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.55], [0.35, 0.75], [0.65,
 OPSET = 13
 
 
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    # The lowest IR version of the opset, not the installed onnx's own: an older onnxruntime (the GPU machines'
+    # 1.30 reads IR <= 13) must load what a newer onnx wrote.
+    opset = [helper.make_opsetid("", OPSET)]
+    return helper.make_model(graph, opset_imports=opset, ir_version=helper.find_min_ir_version_for(opset))
+
+
 def _const(name: str, value) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value, np.float32), name))
 
@@ -75,7 +82,7 @@ def write_scrfd_onnx(path) -> None:
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "?", "?"])],
         outputs["score"] + outputs["bbox"] + outputs["kps"],  # SCRFD's output order
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), str(path))
+    onnx.save(_model(graph), str(path))
 
 
 def write_arcface_onnx(path, seed: int = 0, mxnet_style: bool = False) -> None:
@@ -110,7 +117,7 @@ def write_arcface_onnx(path, seed: int = 0, mxnet_style: bool = False) -> None:
             numpy_helper.from_array(rng.standard_normal(512).astype(np.float32), "fc.bias"),
         ],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), str(path))
+    onnx.save(_model(graph), str(path))
 
 
 def write_insightface_pack(root, name: str = "antelopev2") -> str:

@@ -35,8 +35,8 @@ differentiate it: the gradient through lse_b (zero at init, of order w (1 - w) a
 dropped. `face_attention="cross_only"` keeps the earlier design (text/video read the face
 only through the cross-attention) for comparison.
 
-Cost: the three streams share one Q/K/V projection call and one output projection call,
-and the cross-attention adds no output projection of its own (see benchmarks/).
+Cost: the three streams share one Q/K/V projection call, and the cross-attention adds no
+output projection of its own (see benchmarks/).
 """
 
 from __future__ import annotations
@@ -71,6 +71,25 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
 
 
+class LogSumExpFromSoftmax(torch.autograd.Function):
+    """logsumexp(scores, -1) from probs = softmax(scores) already at hand (hand-written: PyTorch has no such op).
+
+    Forward max(scores) - log(max(probs)): exact and stable (max(probs) >= 1/Nf), two reductions of tensors
+    already there. Backward probs * grad, logsumexp's own gradient, in one pass: autograd through the two
+    maxima would also recount the argmax ties of both (a long-integer reduction over the scores each)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:  # [..., Nf] each -> [...]
+        ctx.save_for_backward(probs)
+        ctx.scores_dtype = scores.dtype
+        return scores.amax(-1).to(probs.dtype) - probs.amax(-1).log()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (probs,) = ctx.saved_tensors
+        return (probs * grad.unsqueeze(-1)).to(ctx.scores_dtype), None  # probs depend on scores: all goes there
+
+
 def merge_face_keys(
     out_base: torch.Tensor,  # [B, H, S, d] attention over the base keys
     lse_base: torch.Tensor,  # [B, H, S]
@@ -84,15 +103,14 @@ def merge_face_keys(
     # Few passes over the [B, H, S, Nf] scores: they are the merge's main cost in eager mode (S is ~17.5K at 5B).
     scores = q @ (k_face * q.shape[-1] ** -0.5).transpose(-1, -2)  # [B, H, S, Nf] in q's dtype: few face keys
     probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))  # one kernel, fp32 at least
-    # logsumexp(scores) = max(scores) - log(max(probs)): exact, stable (max(probs) >= 1/Nf), and its gradient is
-    # probs, as logsumexp's, from reductions of tensors already there.
-    lse_face = scores.amax(-1).to(probs.dtype) - probs.amax(-1).log()  # [B, H, S]
+    lse_face = LogSumExpFromSoftmax.apply(scores, probs)  # [B, H, S]
     out_face = (probs.to(v_face.dtype) @ v_face).to(out_base.dtype)
     # w = g e^d / (1 + g e^d), d = lse_f - lse_b, written with m = max(d, 0) so nothing overflows.
     d = lse_face - lse_base.detach().float()
     m = d.clamp(min=0)
     g = gate.float().view(1, -1, 1)
-    w = (g * torch.exp(d - m) / (torch.exp(-m) + g * torch.exp(d - m))).unsqueeze(-1).to(out_base.dtype)
+    scaled = g * torch.exp(d - m)
+    w = (scaled / (torch.exp(-m) + scaled)).unsqueeze(-1).to(out_base.dtype)
     return torch.lerp(out_base, out_face, w)  # out_base + w (out_face - out_base) in one kernel; out_base at w = 0
 
 
@@ -165,26 +183,32 @@ class MagicMirrorBlock(nn.Module):
         if image_rotary_emb is not None:  # RoPE on the video tokens only, in place as diffusers does
             q[:, :, text_len:joint_len] = apply_rotary_emb(q[:, :, text_len:joint_len], image_rotary_emb)
             k[:, :, text_len:joint_len] = apply_rotary_emb(k[:, :, text_len:joint_len], image_rotary_emb)
-        q_joint = q[:, :, :joint_len]
+        # [text+video | face] parts by split rather than slicing: the backward then joins their gradients in one
+        # copy, where each slice's would fill a zero tensor of the whole sequence first.
+        face_len = x.shape[1] - joint_len
+        (q_joint, q_face), (k_joint, k_face), (v_joint, v_face) = (t.split([joint_len, face_len], 2) for t in (q, k, v))
         if face_stream is not None and self.face_key_gate is not None:
             # Text and video attend to [text, video, face] keys: the base attention, merged with the face keys.
-            out, lse = attention_with_lse(q_joint, k[:, :, :joint_len], v[:, :, :joint_len])
+            out, lse = attention_with_lse(q_joint, k_joint, v_joint)
             # g = max(w, 0) forward; the gradient passes as if g = w (straight-through), so a head pushed below 0
             # in the first steps can reopen. With the clamp's own gradient (0 below 0) such a head stays shut for
             # good: 3 of the tiny profile's 4 heads did within 150 steps, and the face barely reached the video.
             gate = self.face_key_gate + (self.face_key_gate.clamp(min=0) - self.face_key_gate).detach()
-            merged = merge_face_keys(out, lse, q_joint, k[:, :, joint_len:], v[:, :, joint_len:], gate)
+            merged = merge_face_keys(out, lse, q_joint, k_face, v_face, gate)
             out = merged if keep_face is None else out + keep_face * (merged - out)
         else:  # the base block's own attention over text and video
-            out = F.scaled_dot_product_attention(q_joint, k[:, :, :joint_len], v[:, :, :joint_len])  # [B, H, L+N, D/H]
+            out = F.scaled_dot_product_attention(q_joint, k_joint, v_joint)  # [B, H, L+N, D/H]
         if self.to_v_face is not None:
             cross = self.cross_attention(q_cross, face_tokens)
             out = out + (cross if keep_face is None else keep_face * cross)
+        # The output projection runs on text+video and on the face stream apart: one call over the concatenation
+        # would copy the [B, L+N, D] attention output twice (cat, then the head merge, a view without the cat).
+        out = attn.to_out[1](attn.to_out[0](self._merge(out)))  # [B, L+N, D]
+        face_out = None
         if face_stream is not None:  # m_face: the face stream queries [text, video, face]
-            out = torch.cat([out, F.scaled_dot_product_attention(q[:, :, joint_len:], k, v)], dim=2)
-        out = attn.to_out[1](attn.to_out[0](self._merge(out)))  # [B, L+N(+Nf), D]
-        face_out = out[:, joint_len:] if face_stream is not None else None
-        return out[:, text_len:joint_len], out[:, :text_len], face_out
+            face_out = self._merge(F.scaled_dot_product_attention(q_face, k, v))  # [B, Nf, D]
+            face_out = attn.to_out[1](attn.to_out[0](face_out))
+        return out[:, text_len:], out[:, :text_len], face_out
 
     def cross_attention(self, q: torch.Tensor, face_tokens: torch.Tensor) -> torch.Tensor:
         """CA(W_q x, W'_kv x_face): q [B, H, S, D/H] (without RoPE), face_tokens [B, Nf, D] -> [B, H, S, D/H]."""

@@ -1,0 +1,127 @@
+"""One adapted block against diffusers' bare CogVideoXBlock at CogVideoX-5B shapes (issue 11).
+
+    python benchmarks/block_step.py [--compiled-merge] [--kernels 40]
+
+Times a training pass (forward + backward to the block's inputs; the block's own weights frozen, the
+adapter's trained, no gradient checkpointing) at batch 1 and an inference pass at batch 2 (classifier-free
+guidance) of both blocks, on 3072 wide, 48 heads, 226 text + 17550 video tokens (49x480x720), 32 face tokens.
+`bench` gives the whole model's ratio; this isolates one adapted block, where the adapter's cost is 2x the
+model's (half the 5B blocks are adapted), and shows which kernels it adds:
+--kernels N prints the top N GPU kernels of each block's training pass (torch.profiler).
+--compiled-merge also times the adapted block with `merge_face_keys` under torch.compile (its elementwise
+work fused), to see what fusing the merge alone would buy. Needs a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+from mm_lightning.models import adapter
+
+DIM, HEADS, TIME_DIM, TEXT, VIDEO, FACE = 3072, 48, 512, 226, 17550, 32
+
+
+def bare_block() -> CogVideoXBlock:
+    block = CogVideoXBlock(
+        dim=DIM,
+        num_attention_heads=HEADS,
+        attention_head_dim=DIM // HEADS,
+        time_embed_dim=TIME_DIM,
+        norm_elementwise_affine=True,  # as CogVideoX-5B's blocks
+    )
+    return block.to("cuda", torch.bfloat16).requires_grad_(False)
+
+
+def adapted_block() -> adapter.MagicMirrorBlock:
+    block = adapter.MagicMirrorBlock(bare_block(), TIME_DIM, True, True, True, can_hidden_dim=1024).to("cuda")
+    block.to(torch.bfloat16)
+    for name, param in block.named_parameters():  # open the zero-initialised adapter, as after training
+        if not name.startswith("block."):
+            torch.nn.init.normal_(param, std=0.02) if param.dim() > 1 else torch.nn.init.constant_(param, 0.1)
+    return block
+
+
+def pass_fn(block, adapted: bool, batch: int):
+    """A closure running one pass: forward + backward at batch 1, forward without autograd at batch 2."""
+    train = batch == 1
+    video, text, face = (torch.randn(batch, n, DIM, device="cuda", dtype=torch.bfloat16) for n in (VIDEO, TEXT, FACE))
+    for x in (video, text, face):
+        x.requires_grad_(train)
+    temb, id_cond = (torch.randn(batch, TIME_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    rope = tuple(torch.randn(VIDEO, DIM // HEADS, device="cuda") for _ in range(2))
+
+    def forward():
+        if adapted:
+            return block(video, text, face, temb, id_cond, rope)
+        return block(video, text, temb, image_rotary_emb=rope)
+
+    def one_pass():
+        if not train:
+            with torch.no_grad():
+                return forward()
+        sum(out.float().pow(2).mean() for out in forward() if out is not None).backward()
+
+    return one_pass
+
+
+def median_ms(fn, steps: int = 10, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def print_kernels(label: str, fn, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted(
+        (e for e in prof.key_averages() if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total
+    )
+    total = sum(e.self_device_time_total for e in events) / 1000
+    print(f"== {label}: {total:.2f} ms of GPU time, {sum(e.count for e in events)} kernels")
+    for e in events[:top]:
+        print(f"{e.self_device_time_total / 1000:8.3f} ms {e.count:5d}  {e.key[:140]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compiled-merge", action="store_true", help="also time the merge under torch.compile")
+    parser.add_argument("--kernels", type=int, default=0, help="print the top N GPU kernels of each training pass")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    bare = bare_block()
+    variants = [("bare", bare, False), ("adapted", adapted_block(), True)]
+    eager_merge = adapter.merge_face_keys
+    for batch, what in ((1, "training pass, batch 1"), (2, "inference pass, batch 2")):
+        base = None
+        for label, block, adapted in variants:
+            ms = median_ms(pass_fn(block, adapted, batch))
+            base = base or ms
+            print(f"{what}: {label:24s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
+        if args.compiled_merge:
+            adapter.merge_face_keys = torch.compile(eager_merge)
+            ms = median_ms(pass_fn(variants[1][1], True, batch))
+            adapter.merge_face_keys = eager_merge
+            print(f"{what}: {'adapted, merge compiled':24s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
+    for label, block, adapted in variants if args.kernels else ():
+        print_kernels(label, pass_fn(block, adapted, 1), args.kernels)
+
+
+if __name__ == "__main__":
+    main()
