@@ -125,8 +125,9 @@ def test_fsdp_units_are_whole_blocks_with_the_block_an_adapter_holds():
 
 # Two ZeRO-3 steps of the tiny model on the CPU (DeepSpeed's CPU accelerator, one process, gloo), in a process
 # of their own: every parameter partitioned (no persistence threshold), gradient checkpointing on, the engine
-# calling forward as Lightning's wrapper does. The face encoder's own parameters are tied to the transformer as
-# MagicMirrorModule.on_train_start does under Lightning's deepspeed_stage_3 (which itself needs CUDA).
+# calling forward as Lightning's wrapper does; then one video sampled as the evaluation callback samples it.
+# The face encoder's own parameters are tied to the transformer as MagicMirrorModule.on_train_start does under
+# Lightning's deepspeed_stage_3 (which itself needs CUDA).
 _ZERO3_STEPS = """
 import torch, deepspeed
 from mm_lightning.config import load_config
@@ -140,7 +141,7 @@ class Module(MagicMirrorModule):
 deepspeed.init_distributed("gloo")
 # As the 5B profile trains: the face encoder's own parameters (the learned face queries) trained, the backbone frozen.
 overrides = ["model.train_face_encoder=true", "model.train_backbone=false", "trainer.gradient_checkpointing=true"]
-cfg = load_config("full", overrides=["eval.enabled=false", *overrides])
+cfg = load_config("full", overrides=["eval.enabled=false", "sampling.num_inference_steps=2", *overrides])
 module = Module(cfg, stage="image_pretrain")
 assert module.transformer.face_encoder.face_queries.requires_grad
 trained = [p for p in module.parameters() if p.requires_grad]
@@ -156,11 +157,18 @@ for step in range(2):
     engine.backward(loss)
     engine.step()
     print("loss", loss.item())
+# Evaluation samples through the module's own pipeline while every weight stays partitioned: each module's
+# forward gathers its parameters, as it does in training.
+from mm_lightning.pipeline import sample_video
+size = module.transformer.face_encoder.clip_image_size
+frames = sample_video(module.sampling_pipeline(), cfg, "a man smiling", torch.rand(1, 3, size, size),
+                      batch["id_embedding"][0].float(), seed=0)
+print("frames", *frames.shape, frames.std())
 """
 
 
 @pytest.mark.slow  # DeepSpeed builds its CPU communication op on first use: about a minute
-def test_zero3_trains_the_face_encoder_queries_under_gradient_checkpointing():
+def test_zero3_trains_the_face_encoder_queries_under_gradient_checkpointing_then_samples():
     pytest.importorskip("deepspeed")
     env = {
         **os.environ,
@@ -179,6 +187,10 @@ def test_zero3_trains_the_face_encoder_queries_under_gradient_checkpointing():
     losses = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("loss ")]
     assert len(losses) == 2 and all(map(math.isfinite, losses))
     assert losses[1] != losses[0]  # same batch, noise and timesteps: the weights moved
+    s = load_config("full").sampling
+    shape = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("frames ")]
+    assert shape and shape[0][:4] == [str(s.num_frames), str(s.height), str(s.width), "3"]
+    assert float(shape[0][4]) > 0  # not a blank video
 
 
 def test_ema_is_refused_where_the_weights_are_sharded():

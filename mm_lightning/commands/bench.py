@@ -26,12 +26,20 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mm_lightning.commands.bench_counters import (
+    analytic_bare_flops,
+    count_flops,
+    matmul_peak_tflops,
+    print_kernels,
+    sync,
+    timed,
+    top_kernels,
+)
 from mm_lightning.commands.common import add_experiment_arguments, config_from_args
 
 
@@ -58,117 +66,6 @@ def add_arguments(parser):
     parser.add_argument("--out-dir", default="benchmarks")
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, steps: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_peak_tflops(device) -> float:
-    import torch
-
-    n = 8192 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    seconds = _timed(lambda: a @ b, steps=20, warmup=5, device=device)
-    return 2 * n**3 / seconds / 1e12
-
-
-def analytic_bare_flops(tconf: dict, batch: int, frames: int, height: int, width: int, checkpointing: bool) -> dict:
-    """Matmul FLOPs of the bare backbone's blocks (embeddings and output layers left out).
-
-    Per layer and sample, the forward costs 24*D^2*S in the projections and the feed-forward,
-    and 4*S^2*D in attention (S = text + video tokens). A training step with frozen weights
-    runs the linear part 3 times (forward, recomputed forward, input gradient) and the
-    attention 4 times (forward, recomputed forward, and a backward of twice the forward),
-    one recompute less without checkpointing. Inference with CFG is one forward at 2x batch.
-    """
-    p = tconf["patch_size"]
-    dim = tconf["num_attention_heads"] * tconf["attention_head_dim"]
-    tokens_per_frame = (height // p) * (width // p) // (tconf.get("patch_size_t") or 1)  # 1.5: 2 frames a patch
-    seq = tconf["max_text_seq_length"] + frames * tokens_per_frame
-    linear = tconf["num_layers"] * 24 * dim**2 * seq
-    attention = tconf["num_layers"] * 4 * seq**2 * dim
-    passes = 3 if checkpointing else 2
-    return {
-        "train": batch * (passes * linear + (passes + 1) * attention),
-        "infer_cfg": 2 * batch * (linear + attention),
-    }
-
-
-def _count_flops(fn) -> int:
-    """Matmul and attention FLOPs of one call of fn, from torch.utils.flop_counter's formulas.
-
-    A bare dispatch mode over those formulas: FlopCounterMode's module tracker fails on
-    views of trainable parameters taken under no_grad (the face queries at inference)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-
-    class FlopCount(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            formula = flop_registry.get(func.overloadpacket)
-            if formula is not None:
-                self.total += formula(*args, **kwargs, out_val=out)
-            return out
-
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        with FlopCount() as counter:
-            fn()
-    return counter.total
-
-
-def _top_kernels(fn, n: int, device) -> list[dict]:
-    """The n GPU kernels with the most total time over one call of fn (after one warm call)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    _sync(device)
-    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
-        fn()
-        _sync(device)
-    rows = []
-    for event in prof.key_averages():
-        if device.type != "cuda":
-            total = event.self_cpu_time_total
-        else:  # torch renamed cuda_time_total to device_time_total
-            total = getattr(event, "device_time_total", None)
-            if total is None:
-                total = getattr(event, "cuda_time_total", 0)
-        if total > 0:
-            rows.append({"kernel": event.key, "ms": total / 1e3, "calls": event.count})
-    rows.sort(key=lambda r: -r["ms"])
-    all_ms = sum(r["ms"] for r in rows)
-    for r in rows:
-        r["share"] = r["ms"] / all_ms
-    return [{"total_ms": all_ms}] + rows[:n]
-
-
-def _print_kernels(title: str, rows: list[dict]) -> None:
-    print(f"  {title}: {rows[0]['total_ms']:.1f} ms of GPU kernels; costliest:")
-    for r in rows[1:]:
-        print(f"    {r['ms']:9.2f} ms {r['share']:6.1%} {r['calls']:5d}x  {r['kernel'][:110]}")
-
-
 def _measure(name: str, train_step, infer_step, flops: dict, args, peak: float, device) -> dict:
     import torch
 
@@ -177,15 +74,15 @@ def _measure(name: str, train_step, infer_step, flops: dict, args, peak: float, 
         torch.cuda.reset_peak_memory_stats()
     compile_start = time.perf_counter()
     train_step()  # first call (compiles when --compile); kept out of the timed warm-up
-    _sync(device)
+    sync(device)
     first_train = time.perf_counter() - compile_start
-    train_s = _timed(train_step, args.steps, args.warmup, device)
+    train_s = timed(train_step, args.steps, args.warmup, device)
     train_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     compile_start = time.perf_counter()
     infer_step()
-    _sync(device)
+    sync(device)
     first_infer = time.perf_counter() - compile_start
-    infer_s = _timed(infer_step, args.steps, args.warmup, device)
+    infer_s = timed(infer_step, args.steps, args.warmup, device)
     row = {
         "model": name,
         "train_step_s": train_s,
@@ -207,10 +104,10 @@ def _measure(name: str, train_step, infer_step, flops: dict, args, peak: float, 
         flush=True,
     )
     if args.kernels:
-        row["kernels_train"] = _top_kernels(train_step, args.kernels, device)
-        _print_kernels(f"{name} training step", row["kernels_train"])
-        row["kernels_infer_cfg"] = _top_kernels(infer_step, args.kernels, device)
-        _print_kernels(f"{name} inference step with CFG", row["kernels_infer_cfg"])
+        row["kernels_train"] = top_kernels(train_step, args.kernels, device)
+        print_kernels(f"{name} training step", row["kernels_train"])
+        row["kernels_infer_cfg"] = top_kernels(infer_step, args.kernels, device)
+        print_kernels(f"{name} inference step with CFG", row["kernels_infer_cfg"])
     return row
 
 
@@ -345,7 +242,7 @@ def measure_bare(s: BenchSetup, args) -> dict:
     def bare_infer():
         base(lat2, text2, t2, image_rotary_emb=s.rotary, return_dict=False)
 
-    flops = {"train": _count_flops(bare_train), "infer_cfg": _count_flops(bare_infer)}
+    flops = {"train": count_flops(bare_train), "infer_cfg": count_flops(bare_infer)}
     _, frames, _, h, w = s.latent_shape
     analytic = analytic_bare_flops(s.tconf, s.batch, frames, h, w, s.checkpointing)
     print(
@@ -396,7 +293,7 @@ def measure_adapted(s: BenchSetup, args) -> dict:
         face = model.encode_face(ref, ids, mask).for_guidance()
         model(lat2, text2, t2, image_rotary_emb=s.rotary, face=face)
 
-    flops = {"train": _count_flops(adapted_train), "infer_cfg": _count_flops(adapted_infer)}
+    flops = {"train": count_flops(adapted_train), "infer_cfg": count_flops(adapted_infer)}
     if args.compile:
         compile_blocks(model.base.transformer_blocks)
     with sdpa_kernel(s.backends):
