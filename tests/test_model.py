@@ -183,6 +183,31 @@ def test_face_key_merge_has_the_joint_softmax_gradient():
         assert torch.allclose(g, w, atol=1e-8), (g - w).abs().max()
 
 
+def test_face_logsumexp_from_softmax_is_logsumexp_with_its_gradient():
+    from mm_lightning.models.adapter import LogSumExpFromSoftmax
+
+    scores = (torch.randn(2, 3, 7, 5, dtype=torch.float64) * 4).requires_grad_()
+    lse = lambda s: LogSumExpFromSoftmax.apply(s, s.softmax(-1))  # noqa: E731
+    assert torch.allclose(lse(scores), torch.logsumexp(scores, -1))
+    assert torch.autograd.gradcheck(lse, (scores,))
+
+
+def test_face_key_merge_compiles_in_one_graph():
+    # trainer.compile_blocks compiles the adapted blocks: the merge (with its autograd.Function) must trace whole.
+    from mm_lightning.models.adapter import attention_with_lse, merge_face_keys
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8) for _ in range(3))
+    face = [torch.randn(2, 3, 5, 8, requires_grad=True) for _ in range(2)]
+    gate = torch.tensor([0.0, 0.5, 3.0], requires_grad=True)
+    out, lse = attention_with_lse(q, k, v)
+    compiled = torch.compile(merge_face_keys, backend="aot_eager", fullgraph=True)
+    eager, got = merge_face_keys(out, lse, q, *face, gate), compiled(out, lse, q, *face, gate)
+    assert torch.equal(eager, got)
+    for a, b in zip(torch.autograd.grad(eager.sum(), [*face, gate]), torch.autograd.grad(got.sum(), [*face, gate])):
+        assert torch.allclose(a, b)
+
+
 def test_cross_attention_query_carries_no_rope():
     # Identical video tokens at different positions read identical cross-attention output.
     cfg, components, model = _fresh()
