@@ -68,7 +68,9 @@ evalfit)
   # Both stages one optimizer step each; each stage ends with an evaluation pass: one 49x480x720 video with the
   # configured sampling steps, scored through the snapshot's stand-in face pack (its face metrics mean nothing),
   # and the identity-reliance probe.
+  # STAGES=video_finetune evaluates once (about 5 minutes at 5B with the snapshot: fits one 10-minute device call).
   python -P -m mm_lightning fit --profile "$PROFILE" $(overrides) $EXTRA output_dir="$RUNS/evalfit" eval.max_videos=1 \
+    curriculum.order="[${STAGES:-image_pretrain,video_finetune}]" \
     curriculum.stages.image_pretrain.max_steps=1 curriculum.stages.video_finetune.max_steps=1 loss.identity_weight=0 \
     2>&1 | quiet | tee "$OUT/fit_eval.log"
   ;;
