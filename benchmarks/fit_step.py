@@ -141,15 +141,11 @@ def sample(cfg) -> dict:
     warm_cfg = copy.deepcopy(cfg)
     warm_cfg.sampling.num_inference_steps = 2
 
-    def magicmirror(pipe, run_cfg) -> dict:
-        start = time.perf_counter()  # from the models on the CPU, as generate has them after loading
-        embeds = encode_prompts_then_load(pipe, run_cfg, prompt, device=DEVICE)
-        _sync()
-        loaded = time.perf_counter()
-        frames = sample_video(pipe, run_cfg, prompt, ref, ids, seed=0, prompt_embeds=embeds)
-        _sync()
-        end = time.perf_counter()
-        return {"seconds": end - start, "t5_and_load_s": loaded - start, "sample_s": end - loaded, "frames": frames}
+    def magicmirror(pipe, run_cfg) -> dict:  # from the models on the CPU, as generate has them after loading
+        return _load_then_sample(
+            lambda: encode_prompts_then_load(pipe, run_cfg, prompt, device=DEVICE),
+            lambda embeds: sample_video(pipe, run_cfg, prompt, ref, ids, seed=0, prompt_embeds=embeds),
+        )
 
     magicmirror(pipe, warm_cfg)
     pipe.transformer.to("cpu")
@@ -178,24 +174,20 @@ def sample(cfg) -> dict:
         bare.vae.enable_tiling()
 
     def bare_run(steps: int) -> dict:
-        start = time.perf_counter()
-        bare.to(DEVICE)
-        _sync()
-        loaded = time.perf_counter()
-        out = bare(
-            prompt=prompt,
-            negative_prompt=s.negative_prompt,
-            num_frames=s.num_frames,
-            height=s.height,
-            width=s.width,
-            num_inference_steps=steps,
-            guidance_scale=s.guidance_scale,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).frames[0]
-        _sync()
-        end = time.perf_counter()
-        return {"seconds": end - start, "t5_and_load_s": loaded - start, "sample_s": end - loaded, "frames": out}
+        return _load_then_sample(
+            lambda: bare.to(DEVICE),
+            lambda _: bare(
+                prompt=prompt,
+                negative_prompt=s.negative_prompt,
+                num_frames=s.num_frames,
+                height=s.height,
+                width=s.width,
+                num_inference_steps=steps,
+                guidance_scale=s.guidance_scale,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            ).frames[0],
+        )
 
     bare_run(2)
     bare.to("cpu")
@@ -216,6 +208,18 @@ def sample(cfg) -> dict:
         "vae_tiling": s.vae_tiling,
     }
     return rows
+
+
+def _load_then_sample(load, sample) -> dict:
+    """Times load() (models to the GPU, prompts encoded) and then sample(what load returned) apart."""
+    start = time.perf_counter()
+    loaded_value = load()
+    _sync()
+    loaded = time.perf_counter()
+    frames = sample(loaded_value)
+    _sync()
+    end = time.perf_counter()
+    return {"seconds": end - start, "t5_and_load_s": loaded - start, "sample_s": end - loaded, "frames": frames}
 
 
 def _denoising_step_inputs(module, pipe, cfg, ref, ids) -> dict:

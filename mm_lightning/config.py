@@ -137,7 +137,7 @@ class LossConfig:
     identity_frames: int = 1  # decoded frames per sample for the identity loss
     # Decode them tile by tile (diffusers' VAE tiling, as sampling decodes): with the decoder checkpointed, the
     # backward recomputes one tile's activations at a time, not the whole frame's. At 5B on one GPU with 8-bit
-    # AdamW: peak 36.5 instead of 41.4 GiB, step +27% instead of +7.5% (benchmarks/real_scale/h200x1/).
+    # AdamW: peak 36.5 instead of 41.4 GiB, step +27.6% instead of +7.0% (benchmarks/real_scale/h200x1/).
     identity_vae_tiling: bool = False
     # The identity loss counts only samples with timestep below this (ours; the paper gives none): near
     # t = 1000 the x0 estimate is mostly noise. Its crops are ArcFace-aligned from cached 5-point landmarks.
