@@ -15,15 +15,15 @@ work fused), to see what fusing the merge alone would buy. Needs a GPU.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
+from mm_lightning.commands.bench_counters import print_kernels, timed, top_kernels
 from mm_lightning.models import adapter
 
 DIM, HEADS, TIME_DIM, TEXT, VIDEO, FACE = 3072, 48, 512, 226, 17550, 32
+CUDA = torch.device("cuda")
 
 
 def bare_block() -> CogVideoXBlock:
@@ -69,35 +69,6 @@ def pass_fn(block, adapted: bool, batch: int):
     return one_pass
 
 
-def median_ms(fn, steps: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
-def print_kernels(label: str, fn, top: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = sorted(
-        (e for e in prof.key_averages() if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total
-    )
-    total = sum(e.self_device_time_total for e in events) / 1000
-    print(f"== {label}: {total:.2f} ms of GPU time, {sum(e.count for e in events)} kernels")
-    for e in events[:top]:
-        print(f"{e.self_device_time_total / 1000:8.3f} ms {e.count:5d}  {e.key[:140]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--compiled-merge", action="store_true", help="also time the merge under torch.compile")
@@ -105,22 +76,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    bare = bare_block()
-    variants = [("bare", bare, False), ("adapted", adapted_block(), True)]
+    variants = [("bare", bare_block(), False), ("adapted", adapted_block(), True)]
     eager_merge = adapter.merge_face_keys
     for batch, what in ((1, "training pass, batch 1"), (2, "inference pass, batch 2")):
         base = None
         for label, block, adapted in variants:
-            ms = median_ms(pass_fn(block, adapted, batch))
+            ms = 1000 * timed(pass_fn(block, adapted, batch), steps=10, warmup=3, device=CUDA)
             base = base or ms
             print(f"{what}: {label:24s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
         if args.compiled_merge:
             adapter.merge_face_keys = torch.compile(eager_merge)
-            ms = median_ms(pass_fn(variants[1][1], True, batch))
+            ms = 1000 * timed(pass_fn(variants[1][1], True, batch), steps=10, warmup=3, device=CUDA)
             adapter.merge_face_keys = eager_merge
             print(f"{what}: {'adapted, merge compiled':24s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
     for label, block, adapted in variants if args.kernels else ():
-        print_kernels(label, pass_fn(block, adapted, 1), args.kernels)
+        print_kernels(f"{label} block, training pass", top_kernels(pass_fn(block, adapted, 1), args.kernels, CUDA))
 
 
 if __name__ == "__main__":

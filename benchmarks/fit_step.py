@@ -31,6 +31,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from mm_lightning.commands.bench_counters import timed
 from mm_lightning.commands.snapshot import snapshot_config
 from mm_lightning.curriculum import frozen_models_needed, strategy
 from mm_lightning.data.latent_cache import open_cache
@@ -249,15 +250,10 @@ def _profile_step(transformer, inputs: dict, top: int = 10, **extra) -> dict:
     """Median time of one transformer call and torch.profiler's top ops by self GPU time (CPU time without one)."""
     from torch.profiler import ProfilerActivity, profile
 
-    times = []
-    for _ in range(3):  # the first call warms up
-        _sync()
-        start = time.perf_counter()
-        transformer(**inputs, **extra, return_dict=False)
-        _sync()
-        times.append(1000 * (time.perf_counter() - start))
+    call = lambda: transformer(**inputs, **extra, return_dict=False)  # noqa: E731
+    step_s = timed(call, steps=2, warmup=1, device=torch.device(DEVICE))  # the median of 2 after a warm call
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as prof:
-        transformer(**inputs, **extra, return_dict=False)
+        call()
         _sync()
     self_us = (lambda e: e.self_device_time_total) if CUDA else (lambda e: e.self_cpu_time_total)
     events = sorted(prof.key_averages(), key=self_us, reverse=True)
@@ -266,7 +262,7 @@ def _profile_step(transformer, inputs: dict, top: int = 10, **extra) -> dict:
         {"op": e.key, "calls": e.count, "ms": round(self_us(e) / 1000, 2), "share": round(self_us(e) / total, 3)}
         for e in events[:top]
     ]
-    return {"step_ms": statistics.median(times[1:]), "profiled_ms_total": round(total / 1000, 1), "top_ops": ops}
+    return {"step_ms": 1000 * step_s, "profiled_ms_total": round(total / 1000, 1), "top_ops": ops}
 
 
 def _reset_peak() -> None:
