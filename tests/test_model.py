@@ -3,6 +3,7 @@
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
+from torch.nn import functional as F
 
 from mm_lightning.ablation_matrix import load_matrix
 from mm_lightning.config import list_experiments, load_config
@@ -164,8 +165,8 @@ def test_face_keys_join_the_joint_softmax():
 
 
 def test_face_key_merge_has_the_joint_softmax_gradient():
-    # The face keys' log-sum-exp is taken as max(scores) - log(max(probs)): its gradient must be the joint
-    # softmax's. (The base keys' log-sum-exp comes from fused kernels without a gradient; q's is not compared.)
+    # The face keys' log-sum-exp comes from SoftmaxWithLogSumExp: its gradient must be the joint softmax's.
+    # (The base keys' log-sum-exp comes from fused kernels without a gradient; q's is not compared.)
     from mm_lightning.models.adapter import attention_with_lse, merge_face_keys
 
     torch.manual_seed(0)
@@ -183,13 +184,25 @@ def test_face_key_merge_has_the_joint_softmax_gradient():
         assert torch.allclose(g, w, atol=1e-8), (g - w).abs().max()
 
 
-def test_face_logsumexp_from_softmax_is_logsumexp_with_its_gradient():
-    from mm_lightning.models.adapter import LogSumExpFromSoftmax
+def test_softmax_with_logsumexp_has_both_values_and_gradients():
+    from mm_lightning.models.adapter import SoftmaxWithLogSumExp
 
     scores = (torch.randn(2, 3, 7, 5, dtype=torch.float64) * 4).requires_grad_()
-    lse = lambda s: LogSumExpFromSoftmax.apply(s, s.softmax(-1))  # noqa: E731
-    assert torch.allclose(lse(scores), torch.logsumexp(scores, -1))
-    assert torch.autograd.gradcheck(lse, (scores,))
+    probs, lse = SoftmaxWithLogSumExp.apply(scores)
+    assert torch.allclose(probs, scores.softmax(-1)) and torch.allclose(lse, torch.logsumexp(scores, -1))
+    assert torch.autograd.gradcheck(SoftmaxWithLogSumExp.apply, (scores,))
+
+
+def test_hand_written_attentions_equal_sdpa():
+    # The few-key and two-key-set attentions (plain matmuls, for speed) are attention over the same keys.
+    from mm_lightning.models.adapter import few_key_attention, two_key_set_attention
+
+    torch.manual_seed(0)
+    q, k1, v1 = torch.randn(2, 3, 20, 8), torch.randn(2, 3, 30, 8), torch.randn(2, 3, 30, 8)
+    k2, v2 = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    assert torch.allclose(few_key_attention(q, k2, v2), F.scaled_dot_product_attention(q, k2, v2), atol=1e-6)
+    joint = F.scaled_dot_product_attention(q, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2))
+    assert torch.allclose(two_key_set_attention(q, k1, v1, k2, v2), joint, atol=1e-6)
 
 
 def test_face_key_merge_compiles_in_one_graph():

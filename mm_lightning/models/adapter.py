@@ -35,8 +35,9 @@ differentiate it: the gradient through lse_b (zero at init, of order w (1 - w) a
 dropped. `face_attention="cross_only"` keeps the earlier design (text/video read the face
 only through the cross-attention) for comparison.
 
-Cost: the three streams share one Q/K/V projection call, and the cross-attention adds no
-output projection of its own (see benchmarks/).
+Cost: the cross-attention adds no output projection of its own, and the attentions over the
+32 face keys (or from the 32 face queries) are plain matmuls, where fused kernels would leave
+their tiles mostly idle (benchmarks/real_scale/h200x1/block_step.md).
 """
 
 from __future__ import annotations
@@ -71,23 +72,48 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
 
 
-class LogSumExpFromSoftmax(torch.autograd.Function):
-    """logsumexp(scores, -1) from probs = softmax(scores) already at hand (hand-written: PyTorch has no such op).
+class SoftmaxWithLogSumExp(torch.autograd.Function):
+    """(softmax(scores), logsumexp(scores)) over the last dim, in fp32 at least, from one log_softmax kernel.
 
-    Forward max(scores) - log(max(probs)): exact and stable (max(probs) >= 1/Nf), two reductions of tensors
-    already there. Backward probs * grad, logsumexp's own gradient, in one pass: autograd through the two
-    maxima would also recount the argmax ties of both (a long-integer reduction over the scores each)."""
+    Hand-written: PyTorch has no op returning both, and taking the log-sum-exp apart costs short-row
+    reductions over the [B, H, S, Nf] scores (two maxima were 0.48 ms of a 5B block's training pass).
+    log_softmax keeps them inside its fused kernel; the log-sum-exp is then scores - log_probs at any
+    key (the first here). Backward: softmax's own, plus probs * grad_lse (logsumexp's gradient)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:  # [..., Nf] each -> [...]
+    def forward(ctx, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [..., Nf] -> [..., Nf], [...]
+        log_probs = scores.log_softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        probs = log_probs.exp()
         ctx.save_for_backward(probs)
         ctx.scores_dtype = scores.dtype
-        return scores.amax(-1).to(probs.dtype) - probs.amax(-1).log()
+        return probs, scores[..., 0].to(probs.dtype) - log_probs[..., 0]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad_probs: torch.Tensor, grad_lse: torch.Tensor) -> torch.Tensor:
         (probs,) = ctx.saved_tensors
-        return (probs * grad.unsqueeze(-1)).to(ctx.scores_dtype), None  # probs depend on scores: all goes there
+        grad = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)  # probs (g - <probs, g>)
+        return grad.addcmul_(probs, grad_lse.unsqueeze(-1)).to(ctx.scores_dtype)
+
+
+def few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for a few keys (the face tokens): q [B, H, S, d], k and v [B, H, Nf, d].
+
+    As plain matmuls: the fused attention kernels tile the keys in blocks of 64 or more; cuDNN's backward
+    took 0.65 ms for the 5B cross-attention's 32 keys (benchmarks/real_scale/h200x1/block_step.md)."""
+    scores = q @ (k * q.shape[-1] ** -0.5).transpose(-1, -2)  # [B, H, S, Nf]; the few keys scaled, not q
+    return scores.softmax(-1) @ v
+
+
+def two_key_set_attention(q, k1, v1, k2, v2) -> torch.Tensor:
+    """softmax(q [k1; k2]^T / sqrt(d)) [v1; v2] for a few queries (the face stream's) over long k1, v1 (text and
+    video) and short k2, v2 (the face stream's own): q [B, H, Nf, d] -> [B, H, Nf, d].
+
+    As plain matmuls, so that the long keys and values are never concatenated (a copy of each, then of their
+    gradients) and the few queries do not leave a fused kernel's tiles idle."""
+    q = q * q.shape[-1] ** -0.5
+    probs = torch.cat([q @ k1.transpose(-1, -2), q @ k2.transpose(-1, -2)], -1).softmax(-1)  # [B, H, Nf, S1+S2]
+    p1, p2 = probs.split([k1.shape[2], k2.shape[2]], -1)
+    return p1 @ v1 + p2 @ v2
 
 
 def merge_face_keys(
@@ -102,8 +128,7 @@ def merge_face_keys(
     log-sum-exp; exactly out_base where gate == 0 (see the module docstring)."""
     # Few passes over the [B, H, S, Nf] scores: they are the merge's main cost in eager mode (S is ~17.5K at 5B).
     scores = q @ (k_face * q.shape[-1] ** -0.5).transpose(-1, -2)  # [B, H, S, Nf] in q's dtype: few face keys
-    probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))  # one kernel, fp32 at least
-    lse_face = LogSumExpFromSoftmax.apply(scores, probs)  # [B, H, S]
+    probs, lse_face = SoftmaxWithLogSumExp.apply(scores)  # fp32 at least: [B, H, S, Nf], [B, H, S]
     out_face = (probs.to(v_face.dtype) @ v_face).to(out_base.dtype)
     # w = g e^d / (1 + g e^d), d = lse_f - lse_b, written with m = max(d, 0) so nothing overflows.
     d = lse_face - lse_base.detach().float()
@@ -167,29 +192,35 @@ class MagicMirrorBlock(nn.Module):
     def _merge(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(1, 2).flatten(2)  # [B, H, S, D/H] -> [B, S, D]
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's own query and key (normed) and value heads of x [B, S, D]: [B, H, S, D/H] each."""
+        attn = self.block.attn1
+        q, k, v = self._heads(attn.to_q(x)), self._heads(attn.to_k(x)), self._heads(attn.to_v(x))
+        return attn.norm_q(q), attn.norm_k(k), v
+
     def attention(self, video, text, face_stream, face_tokens, image_rotary_emb, keep_face=None):
         """Joint attention of the block (as diffusers' CogVideoXAttnProcessor2_0 computes it),
         plus the decoupled face cross-attention and the face stream's own queries.
         keep_face [B] (1 kept, 0 dropped) masks what text and video read from the face, per sample.
         Returns the attention outputs of (video [B, N, D], text [B, L, D], face stream [B, Nf, D] or None)."""
         attn = self.block.attn1
-        text_len, joint_len = text.shape[1], text.shape[1] + video.shape[1]
-        streams = [text, video] if face_stream is None else [text, video, face_stream]
-        x = torch.cat(streams, dim=1)  # [B, L+N(+Nf), D]: one projection call for all streams
-        q, k, v = self._heads(attn.to_q(x)), self._heads(attn.to_k(x)), self._heads(attn.to_v(x))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        # The cross-attention reads position-free face keys, so its query is taken before RoPE.
-        q_cross = q[:, :, :joint_len].clone() if self.to_v_face is not None else None
-        if image_rotary_emb is not None:  # RoPE on the video tokens only, in place as diffusers does
-            q[:, :, text_len:joint_len] = apply_rotary_emb(q[:, :, text_len:joint_len], image_rotary_emb)
-            k[:, :, text_len:joint_len] = apply_rotary_emb(k[:, :, text_len:joint_len], image_rotary_emb)
-        # [text+video | face] parts by split rather than slicing: the backward then joins their gradients in one
-        # copy, where each slice's would fill a zero tensor of the whole sequence first.
-        face_len = x.shape[1] - joint_len
-        (q_joint, q_face), (k_joint, k_face), (v_joint, v_face) = (t.split([joint_len, face_len], 2) for t in (q, k, v))
+        text_len = text.shape[1]
+        q, k, v = self._qkv(torch.cat([text, video], dim=1))  # [B, H, L+N, D/H]
+        q_joint = q
+        if image_rotary_emb is not None:
+            # RoPE on the video tokens, as one rotation over text and video with the text rows turned by 0
+            # (cos 1, sin 0: exactly the identity). Each of q and k gets one new tensor, without the slice copies
+            # of rotating in place (as diffusers does), and q stays unrotated for the cross-attention.
+            cos, sin = image_rotary_emb  # [N, D/H]
+            rope = (F.pad(cos, (0, 0, text_len, 0), value=1.0), F.pad(sin, (0, 0, text_len, 0)))  # [L+N, D/H]
+            q_joint, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
+        if face_stream is not None:
+            # Its own projection calls (32 tokens: nothing to share), so that no gradient of the [B, H, L+N, D/H]
+            # tensors has to be joined with the face's in the backward (those copies were 0.7 ms at 5B).
+            q_face, k_face, v_face = self._qkv(face_stream)  # [B, H, Nf, D/H]
         if face_stream is not None and self.face_key_gate is not None:
             # Text and video attend to [text, video, face] keys: the base attention, merged with the face keys.
-            out, lse = attention_with_lse(q_joint, k_joint, v_joint)
+            out, lse = attention_with_lse(q_joint, k, v)
             # g = max(w, 0) forward; the gradient passes as if g = w (straight-through), so a head pushed below 0
             # in the first steps can reopen. With the clamp's own gradient (0 below 0) such a head stays shut for
             # good: 3 of the tiny profile's 4 heads did within 150 steps, and the face barely reached the video.
@@ -197,16 +228,16 @@ class MagicMirrorBlock(nn.Module):
             merged = merge_face_keys(out, lse, q_joint, k_face, v_face, gate)
             out = merged if keep_face is None else out + keep_face * (merged - out)
         else:  # the base block's own attention over text and video
-            out = F.scaled_dot_product_attention(q_joint, k_joint, v_joint)  # [B, H, L+N, D/H]
+            out = F.scaled_dot_product_attention(q_joint, k, v)  # [B, H, L+N, D/H]
         if self.to_v_face is not None:
-            cross = self.cross_attention(q_cross, face_tokens)
+            cross = self.cross_attention(q, face_tokens)
             out = out + (cross if keep_face is None else keep_face * cross)
         # The output projection runs on text+video and on the face stream apart: one call over the concatenation
         # would copy the [B, L+N, D] attention output twice (cat, then the head merge, a view without the cat).
         out = attn.to_out[1](attn.to_out[0](self._merge(out)))  # [B, L+N, D]
         face_out = None
         if face_stream is not None:  # m_face: the face stream queries [text, video, face]
-            face_out = self._merge(F.scaled_dot_product_attention(q_face, k, v))  # [B, Nf, D]
+            face_out = self._merge(two_key_set_attention(q_face, k, v, k_face, v_face))  # [B, Nf, D]
             face_out = attn.to_out[1](attn.to_out[0](face_out))
         return out[:, text_len:], out[:, :text_len], face_out
 
@@ -215,7 +246,7 @@ class MagicMirrorBlock(nn.Module):
         face_kv = self.face_kv_norm(face_tokens)
         k_face = self.norm_k_face(self._heads(self.to_k_face(face_kv)))
         v_face = self._heads(self.to_v_face(face_kv))
-        return F.scaled_dot_product_attention(q, k_face, v_face)
+        return few_key_attention(q, k_face, v_face)
 
     def forward(
         self,
