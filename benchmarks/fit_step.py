@@ -14,7 +14,8 @@ allocated memory of each rank.
 snapshot's stand-in insightface pack as `fit` loads it (faces.backend=insightface). --sample then
 samples one video with the configured sampling settings through diffusers' pipeline over the
 module's models, and the bare CogVideoX-5B pipeline on the same settings, in the same process,
-and profiles one guided denoising step of each (torch.profiler, top ops by GPU time). Results go
+and profiles one guided denoising step of each (torch.profiler, top ops by GPU time); with
+sampling.compile_blocks=true both pipelines run their blocks under torch.compile. Results go
 to benchmarks/<name>.json.
 """
 
@@ -36,7 +37,8 @@ from mm_lightning.commands.snapshot import snapshot_config
 from mm_lightning.curriculum import frozen_models_needed, strategy
 from mm_lightning.data.latent_cache import open_cache
 from mm_lightning.memory import gib
-from mm_lightning.models.loading import frozen_dtype, sampling_scheduler
+from mm_lightning.models.loading import ID_EMBED_DIMS, frozen_dtype, sampling_scheduler
+from mm_lightning.models.magicmirror import compile_blocks
 from mm_lightning.module import MagicMirrorModule
 
 CUDA = torch.cuda.is_available()  # without a GPU (tiny profile) the script only dry-runs the code path
@@ -134,11 +136,16 @@ def sample(cfg) -> dict:
 
     from mm_lightning.pipeline import encode_prompts_then_load, sample_video
 
+    prompt, s = "a man walking in a park", cfg.sampling
     module = MagicMirrorModule(cfg, stage=cfg.curriculum.order[-1]).to(torch.bfloat16).eval()
     pipe = module.sampling_pipeline()
+    if s.compile_blocks:  # as generate does; the untimed 2-step warm-up run pays the compilation
+        compile_blocks(module.transformer.base.transformer_blocks)
     size = module.transformer.face_encoder.clip_image_size
-    ref, ids = torch.rand(1, 3, size, size), torch.nn.functional.normalize(torch.randn(512), dim=0)
-    prompt, s = "a man walking in a park", cfg.sampling
+    ref, ids = (
+        torch.rand(1, 3, size, size),
+        torch.nn.functional.normalize(torch.randn(ID_EMBED_DIMS[cfg.faces.backend]), dim=0),
+    )
     warm_cfg = copy.deepcopy(cfg)
     warm_cfg.sampling.num_inference_steps = 2
 
@@ -148,12 +155,12 @@ def sample(cfg) -> dict:
             lambda embeds: sample_video(pipe, run_cfg, prompt, ref, ids, seed=0, prompt_embeds=embeds),
         )
 
-    magicmirror(pipe, warm_cfg)
+    warm_s = magicmirror(pipe, warm_cfg)["seconds"]
     pipe.transformer.to("cpu")
     pipe.vae.to("cpu")
     _reset_peak()
     mm = magicmirror(pipe, cfg)
-    rows = {"magicmirror": {**mm, "frames": list(mm["frames"].shape), "peak_gib": _peak_gib()}}
+    rows = {"magicmirror": {**mm, "frames": list(mm["frames"].shape), "peak_gib": _peak_gib(), "warm_up_s": warm_s}}
     rows["magicmirror"]["resident_gib_after"] = gib(torch.cuda.memory_allocated()) if CUDA else 0.0
     step_inputs = _denoising_step_inputs(module, pipe, cfg, ref, ids)
     rows["profile_magicmirror"] = _profile_step(module.transformer, step_inputs, face=step_inputs.pop("face"))
@@ -170,6 +177,8 @@ def sample(cfg) -> dict:
         scheduler=sampling_scheduler(s.scheduler, module.scheduler.config),
     )
     bare.set_progress_bar_config(disable=True)
+    if s.compile_blocks:
+        compile_blocks(bare_transformer.transformer_blocks)
     bare.vae.enable_slicing()
     if s.vae_tiling:
         bare.vae.enable_tiling()
@@ -190,11 +199,11 @@ def sample(cfg) -> dict:
             ).frames[0],
         )
 
-    bare_run(2)
+    warm_s = bare_run(2)["seconds"]
     bare.to("cpu")
     _reset_peak()
     row = bare_run(s.num_inference_steps)
-    rows["bare"] = {**row, "frames": list(row["frames"].shape), "peak_gib": _peak_gib()}
+    rows["bare"] = {**row, "frames": list(row["frames"].shape), "peak_gib": _peak_gib(), "warm_up_s": warm_s}
     rows["profile_bare"] = _profile_step(bare_transformer, step_inputs)
     rows["ratio"] = rows["magicmirror"]["seconds"] / rows["bare"]["seconds"]
     rows["sample_ratio"] = rows["magicmirror"]["sample_s"] / rows["bare"]["sample_s"]
@@ -207,6 +216,7 @@ def sample(cfg) -> dict:
         "height": s.height,
         "width": s.width,
         "vae_tiling": s.vae_tiling,
+        "compile_blocks": s.compile_blocks,
     }
     return rows
 

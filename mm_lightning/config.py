@@ -252,6 +252,9 @@ class SamplingConfig:
     guidance_uncond_id: bool = True  # it gets CAN's x_id-conditioned residual too
     vae_slicing: bool = True
     vae_tiling: bool = True
+    # `generate` only: torch.compile each transformer block (static shapes). The first denoising step pays the
+    # compilation (one graph per block class); evaluation inside `fit` follows trainer.compile_blocks instead.
+    compile_blocks: bool = False
 
 
 @dataclass

@@ -77,6 +77,7 @@ def run(args) -> int:
     from mm_lightning.data.media import read_image
     from mm_lightning.evaluation.video_io import write_video
     from mm_lightning.faces import face_analyzer
+    from mm_lightning.models.magicmirror import compile_blocks
     from mm_lightning.module import MagicMirrorModule
     from mm_lightning.pipeline import encode_prompts_then_load, face_inputs, offload, quantize_int8, sample_video
     from mm_lightning.text import identity_token_mask
@@ -121,6 +122,8 @@ def run(args) -> int:
     if args.int8:
         quantize_int8(pipe, text_encoder=embeds is None)
     offload(pipe, args.offload)
+    if cfg.sampling.compile_blocks:
+        compile_blocks(module.transformer.base.transformer_blocks)
     frames = sample_video(pipe, cfg, args.prompt, ref_pixels, id_embedding, args.seed, args.negative_prompt, embeds)
     out = write_video(args.out, frames, cfg.sampling.fps)
     print(f"wrote {out} ({len(frames)} frames, {frames.shape[2]}x{frames.shape[1]}, {cfg.sampling.fps} fps)")
