@@ -4,10 +4,12 @@
 #   bash benchmarks/real_scale.sh evalfit  # 1 GPU: fit with evaluation (one video per stage, the stand-in face pack)
 #   bash benchmarks/real_scale.sh step     # 1 GPU: fit's step (with and without identity loss), bench on the same GPU
 #   bash benchmarks/real_scale.sh sample   # 1 GPU: one 49x480x720 video, MagicMirror vs the bare pipeline
+#                                          # (COMPILE=1: both with their blocks under torch.compile)
 #   bash benchmarks/real_scale.sh optim    # 1 GPU: fit's step with 8-bit AdamW (torchao; carry its wheel)
 #   bash benchmarks/real_scale.sh generate # 1 GPU: generate's memory modes, MODES="none model sequential int8"
 #   bash benchmarks/real_scale.sh multi    # fit's step under MULTI="ddp 1,ddp 2,fsdp 2,deepspeed_stage_2 2"
 #                                          # (4 GPUs: MULTI="deepspeed_stage_3 4,deepspeed_stage_2 4,fsdp 4")
+#   bash benchmarks/real_scale.sh zero3    # every GPU, ZeRO-3: fit's video stage + checkpoint + kill + --resume + evaluation
 #   bash benchmarks/real_scale.sh snapshot # only the snapshot (before running modes side by side, one per GPU)
 # PROFILE=tiny runs the same commands on CPU-sized models (the dry run). Logs and JSON go to $OUT.
 # `python -P`: the installed mm_lightning, not the repository folder's (installing maps callbacks/ and evaluation/
@@ -52,7 +54,7 @@ fit)
   kill -9 $pid && echo "=== killed fit (pid $pid) after the video stage's step-2 checkpoint" | tee -a "$OUT/fit.log"
   sleep 2
   rm -f "$RUNS"/*/checkpoints/image_pretrain/last.ckpt "$RUNS"/*/checkpoints/image_pretrain/step=*.ckpt  # stage done: final.ckpt
-  $FIT curriculum.stages.video_finetune.max_steps=3 --resume 2>&1 | quiet | grep -v "^  " | tee "$OUT/fit_resume.log" || exit 1
+  $FIT curriculum.stages.video_finetune.max_steps=3 --resume 2>&1 | quiet | grep --line-buffered -v "^  " | tee "$OUT/fit_resume.log" || exit 1
   python - "$RUNS" <<'EOF' | tee -a "$OUT/fit_resume.log"
 import json, sys, torch
 from pathlib import Path
@@ -83,8 +85,9 @@ step)
   ;;
 sample)
   snapshot || exit 1
-  python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --steps 0 --sample --name sample_1gpu \
-    --out-dir "$OUT" $EXTRA 2>&1 | quiet | tee "$OUT/sample_1gpu.log"
+  name=sample_1gpu${COMPILE:+_compiled}
+  python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --steps 0 --sample --name $name \
+    --out-dir "$OUT" $EXTRA ${COMPILE:+sampling.compile_blocks=true} 2>&1 | quiet | tee "$OUT/$name.log"
   ;;
 optim)
   snapshot || exit 1
@@ -119,5 +122,38 @@ multi)
     grep -E "s/step|Error" "$LOG" | tail -n 2
   done
   ;;
-*) echo "usage: $0 snapshot|fit|evalfit|step|sample|optim|generate|multi"; exit 2 ;;
+zero3)
+  snapshot || exit 1
+  # fit under DeepSpeed ZeRO-3 on every GPU (or DEVICES). The video stage is killed (-9, the whole process group) once
+  # its step-1 checkpoint (a folder of shards) is complete; --resume continues from it to step 2, joins the stage's
+  # weights into final.ckpt and evaluates: one video of EVAL_STEPS sampling steps, every weight still partitioned.
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  # From /tmp: Lightning starts the other ranks with `python -m mm_lightning`, without -P (see above).
+  ARGS="--profile $PROFILE $(overrides) $EXTRA output_dir=$RUNS/zero3 trainer.strategy=deepspeed_stage_3
+        trainer.devices=${DEVICES:-$(python -c 'import torch; print(torch.cuda.device_count())')}
+        curriculum.order=[video_finetune] trainer.checkpoint_every_n_steps=1 loss.identity_weight=0 eval.max_videos=1
+        sampling.num_inference_steps=${EVAL_STEPS:-5}"
+  (cd /tmp && exec setsid python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=3) \
+    > "$OUT/zero3_fit.log" 2>&1 &
+  pid=$!  # setsid's session: the leader and the ranks it starts
+  # DeepSpeed writes the folder's `latest` file once every shard is saved
+  until ls "$RUNS"/zero3/*/checkpoints/video_finetune/step=1.ckpt/latest > /dev/null 2>&1 || ! kill -0 $pid 2> /dev/null
+  do sleep 1; done
+  sleep 3
+  kill -9 -- -$pid && echo "=== killed fit's process group $pid after the step-1 checkpoint" | tee -a "$OUT/zero3_fit.log"
+  sleep 2
+  (cd /tmp && python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=2 --resume) 2>&1 | quiet \
+    | grep --line-buffered -v "^  " | tee "$OUT/zero3_resume.log" || exit 1
+  python - "$RUNS/zero3" <<'EOF' | tee -a "$OUT/zero3_resume.log"
+import sys, torch
+from pathlib import Path
+run = sorted(p for p in Path(sys.argv[1]).glob("*") if (p / "run.json").exists())[-1]
+for f in sorted(run.glob("checkpoints/*/*")):
+    size = sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) if f.is_dir() else f.stat().st_size
+    print(f"{f.relative_to(run)}{'/ (DeepSpeed shards)' if f.is_dir() else ''}: {size / 2**30:.1f} GiB")
+final = torch.load(run / "checkpoints/video_finetune/final.ckpt", map_location="cpu", weights_only=False, mmap=True)
+print("final.ckpt: global_step", final["global_step"], "tensors", len(final["state_dict"]), "stage", final["mm_stage"])
+EOF
+  ;;
+*) echo "usage: $0 snapshot|fit|evalfit|step|sample|optim|generate|multi|zero3"; exit 2 ;;
 esac

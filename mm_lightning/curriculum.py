@@ -12,8 +12,9 @@ A run lives in `<output_dir>/<timestamp>/`:
   checkpoints/<stage>/last.ckpt  latest periodic checkpoint (trainable weights + optimiser)
   checkpoints/<stage>/on_exception.ckpt  written when a stage dies of an exception
   checkpoints/<stage>/final.ckpt         the stage's trained weights, once it finished
-`fit(..., resume=True)` takes the newest run folder and continues in the right stage at
-the right step.
+Under DeepSpeed the periodic checkpoints are folders of per-rank shards, and final.ckpt is joined
+into one file (mm_lightning/checkpoints.py). `fit(..., resume=True)` takes the newest run folder
+and continues in the right stage at the right step.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from mlflow.entities import Param
 from omegaconf import DictConfig, OmegaConf
 
 from mm_lightning.callbacks.progress import StageProgressBar
+from mm_lightning.checkpoints import ResumeError, latest_checkpoint, save_stage_weights
 from mm_lightning.config import ConfigError
 from mm_lightning.data.datamodule import MagicMirrorDataModule
 from mm_lightning.data.latent_cache import open_cache
@@ -73,10 +75,6 @@ class RunState:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2))
         tmp.replace(self.path)
-
-
-class ResumeError(Exception):
-    """A run cannot continue: its checkpoints are unreadable, or another fit holds its folder."""
 
 
 class Interrupted(BaseException):
@@ -208,30 +206,6 @@ def _wait_for_run_id(state: RunState, timeout_s: float = 600) -> str:
     )
 
 
-def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The readable checkpoint with the most steps: last.ckpt, on_exception.ckpt or a kept step=N.ckpt.
-
-    A truncated or corrupt file is named on stderr and passed over, so resuming falls back to
-    the previous good checkpoint; when none is readable, ResumeError names the corrupt ones."""
-    best, best_step, corrupt = None, -1, []
-    for path in sorted(ckpt_dir.glob("*.ckpt")):
-        if path.name == "final.ckpt":
-            continue
-        try:  # mmap: reads the header and global_step, not the tensors
-            step = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
-        except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
-            corrupt.append(f"{path} ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
-            print(f"warning: checkpoint {path} is unreadable (truncated or corrupt), passed over", file=sys.stderr)
-            continue
-        if step > best_step:
-            best, best_step = path, step
-    if best is None and corrupt:
-        raise ResumeError(f"cannot resume: no readable checkpoint in {ckpt_dir}; corrupt: {'; '.join(corrupt)}")
-    if best is not None and corrupt:
-        print(f"resuming from the previous good checkpoint {best} (step {best_step})", file=sys.stderr)
-    return best
-
-
 def build_datamodule(cfg: DictConfig, stage: str, clip_image_size: int, use_cache: bool | None = None):
     """The stage's data: its latent cache when one was built (`cache` command), else decoded media."""
     if cfg.data.use_cache if use_cache is None else use_cache:
@@ -321,7 +295,12 @@ def strategy(cfg: DictConfig):
         # The frozen backbone takes no part in the gradient all-reduce; unused adapters
         # (e.g. CAN in a variant without it) do not exist, so no unused-parameter search.
         return DDPStrategy(find_unused_parameters=False)
-    return name  # "auto", "deepspeed_stage_2", ...
+    if name.startswith("deepspeed_stage_"):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        # Checkpoints hold the trained weights, as under the other strategies: not the frozen backbone, T5 or VAE.
+        return DeepSpeedStrategy(stage=int(name.removeprefix("deepspeed_stage_")), exclude_frozen_parameters=True)
+    return name  # "auto"
 
 
 class BlockUnits:
@@ -364,7 +343,7 @@ def fit(cfg: DictConfig, resume: bool = False, tags: dict[str, str] | None = Non
             except (Interrupted, SIGTERMException) as err:
                 signum = err.signum if isinstance(err, Interrupted) else signal.SIGTERM
                 trainer = stop.trainer
-                ckpt = _latest_checkpoint(run_dir / "checkpoints" / stop.stage) if stop.stage else None
+                ckpt = latest_checkpoint(run_dir / "checkpoints" / stop.stage) if stop.stage else None
                 step = trainer.global_step if trainer else 0
                 _mark_run(uri, run_dir, "KILLED")
                 raise Preempted(signum, stop.stage, step, ckpt, run_dir) from None
@@ -437,7 +416,7 @@ def _fit_stages(cfg: DictConfig, run_dir: Path, resume: bool, tags: dict[str, st
         ]
         logger = RunLogger(client, run_id)
         trainer = build_trainer(cfg, stage, logger, callbacks, run_dir)
-        ckpt_path = _latest_checkpoint(ckpt_dir) if resume else None
+        ckpt_path = latest_checkpoint(ckpt_dir) if resume else None
         if ckpt_path and rank_zero:
             print(f"resuming stage {stage} from {ckpt_path}", flush=True)
         try:
@@ -445,7 +424,7 @@ def _fit_stages(cfg: DictConfig, run_dir: Path, resume: bool, tags: dict[str, st
                 trainer.fit(module, datamodule=datamodule, **({"ckpt_path": ckpt_path} if ckpt_path else {}))
         except torch.cuda.OutOfMemoryError as err:  # last.ckpt / on_exception.ckpt stay for --resume
             raise out_of_memory_error(cfg, stage, err) from None
-        trainer.save_checkpoint(ckpt_dir / "final.ckpt", weights_only=True)  # every rank joins; rank 0 writes
+        save_stage_weights(trainer, ckpt_dir / "final.ckpt")
         state.data["finished_stages"].append(stage)
         if not rank_zero:
             continue

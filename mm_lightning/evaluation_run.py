@@ -9,8 +9,8 @@ module's current weights, runs `mm_lightning.evaluation.suite.VideoEvaluator` (t
              motion_smoothness, id_reliance, and text_alignment / inception_score when their weights are set)
   artifacts  eval/<stage>/step<N>/videos/*.mp4, contact_sheets/*.png, id_similarity/*.png,
              per_video.json
-Under DDP each rank generates its share of the videos and logs them under step<N>/rank<r>/;
-torchmetrics syncs the metrics.
+Under DDP, FSDP or ZeRO-3 each rank generates its share of the videos and logs them under
+step<N>/rank<r>/; torchmetrics syncs the metrics.
 """
 
 from __future__ import annotations
@@ -65,29 +65,32 @@ def evaluate_model(
         client.set_tag(run_id, TAG_INCEPTION_SCORE, f"left out: {evaluator.inception_score_skipped}")
     pipe = module.sampling_pipeline()
     clip_size = module.transformer.face_encoder.clip_image_size
-    per_video = []
-    prepared = {}  # per reference set, shared by its prompts: (images, ref_pixels, id_embedding, Reference)
+    # Each reference set is read and face-detected once, for all its prompts (pipeline inputs and metric references
+    # share the faces), and on every rank, so that all ranks leave out the same entries.
+    prepared, no_face = {}, {}  # reference set -> (images, ref_pixels, id_embedding, Reference) | error
+    for key in dict.fromkeys(tuple(item.references) for item in items):
+        try:
+            images = [read_image(p) for p in key]
+            faces = [evaluator.analyzer.require_face(img, str(p)) for img, p in zip(images, key)]
+            prepared[key] = (images, *face_inputs(images, faces, clip_size), Reference.from_faces(images, faces))
+        except NoFaceError as err:  # a bad eval-set entry is reported, not fatal
+            no_face[key] = str(err)
+    per_video = [  # reported once, by rank 0
+        {"video": f"{index:03d}_{item.identity}", "prompt": item.prompt, "error": no_face[tuple(item.references)]}
+        for index, item in enumerate(items)
+        if rank == 0 and tuple(item.references) in no_face
+    ]
+    todo = [(index, item) for index, item in enumerate(items) if tuple(item.references) in prepared]
+    # Every rank samples as many videos: under FSDP and ZeRO-3 each forward pass is collective, so a rank with
+    # a smaller share samples a repeat (not scored) while the others sample their last ones.
+    rounds = -(-len(todo) // world_size)
     was_training = module.training
     module.eval()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        for index in range(rank, len(items), world_size):
-            item = items[index]
-            name = f"{index:03d}_{item.identity}"
-            key = tuple(item.references)
-            try:
-                if key not in prepared:  # each reference set is read and face-detected once, for all its prompts:
-                    images = [read_image(p) for p in key]  # pipeline inputs and metric references share the faces
-                    faces = [evaluator.analyzer.require_face(img, str(p)) for img, p in zip(images, key)]
-                    prepared[key] = (
-                        images,
-                        *face_inputs(images, faces, clip_size),
-                        Reference.from_faces(images, faces),
-                    )
-            except NoFaceError as err:  # a bad eval-set entry is reported, not fatal
-                per_video.append({"video": name, "prompt": item.prompt, "error": str(err)})
-                continue
-            images, ref_pixels, id_embedding, reference = prepared[key]
+        for slot in range(rank, rounds * world_size, world_size):
+            index, item = todo[slot % len(todo)]
+            images, ref_pixels, id_embedding, reference = prepared[tuple(item.references)]
             frames = sample_video(
                 pipe,
                 cfg,
@@ -97,6 +100,9 @@ def evaluate_model(
                 seed=cfg.seed + index,
                 negative_prompt=item.negative_prompt,
             )
+            if slot >= len(todo):
+                continue
+            name = f"{index:03d}_{item.identity}"
             scores = evaluator.score_video(frames, cfg.sampling.fps, reference, item.prompt)
             write_video(out / "videos" / f"{name}.mp4", frames, cfg.sampling.fps)
             contact_sheet(out / "contact_sheets" / f"{name}.png", images[0], frames, item.prompt)

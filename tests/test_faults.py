@@ -11,8 +11,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from mm_lightning.checkpoints import ResumeError, latest_checkpoint
 from mm_lightning.cli import main
-from mm_lightning.curriculum import ResumeError, _latest_checkpoint
 from mm_lightning.tracking import BACKLOG_FILE, RunClient, ensure_experiment, open_store, sync_run
 from tests.helpers import SHORT_FIT, SHORT_STEPS, cli_env, free_port, run_cli, start_cli, store_uri, wait_for
 
@@ -68,13 +68,13 @@ def test_latest_checkpoint_passes_over_a_truncated_file(tmp_path, capsys):
     for step in (4, 8):
         torch.save({"global_step": step}, tmp_path / f"step={step}.ckpt")
     (tmp_path / "last.ckpt").symlink_to("step=8.ckpt")
-    assert _latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+    assert latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
     (tmp_path / "step=8.ckpt").write_bytes((tmp_path / "step=8.ckpt").read_bytes()[:100])
-    assert _latest_checkpoint(tmp_path) == tmp_path / "step=4.ckpt"
+    assert latest_checkpoint(tmp_path) == tmp_path / "step=4.ckpt"
     assert f"checkpoint {tmp_path / 'last.ckpt'} is unreadable" in capsys.readouterr().err
     (tmp_path / "step=4.ckpt").write_bytes(b"")
     with pytest.raises(ResumeError, match="no readable checkpoint") as err:
-        _latest_checkpoint(tmp_path)
+        latest_checkpoint(tmp_path)
     assert str(tmp_path / "step=4.ckpt") in str(err.value) and str(tmp_path / "last.ckpt") in str(err.value)
 
 

@@ -157,6 +157,23 @@ for step in range(2):
     engine.backward(loss)
     engine.step()
     print("loss", loss.item())
+# A checkpoint as Lightning's DeepSpeedStrategy writes it, without the frozen weights as fit's strategy sets it:
+# --resume finds it, and Lightning's converter joins it into one file of the trained weights (save_stage_weights).
+import sys
+from pathlib import Path
+from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+from mm_lightning.checkpoints import checkpoint_step, latest_checkpoint
+out = Path(sys.argv[1])
+engine.save_checkpoint(out / "step=2.ckpt", client_state={"global_step": 2}, tag="checkpoint",
+                       exclude_frozen_parameters=True)
+found = latest_checkpoint(out)
+print("resume", found.name, checkpoint_step(found))
+convert_zero_checkpoint_to_fp32_state_dict(out / "step=2.ckpt", out / "final.ckpt")
+weights = torch.load(out / "final.ckpt", weights_only=False)["state_dict"]
+names = [n for n, p in module.named_parameters() if p.requires_grad]
+with deepspeed.zero.GatheredParameters(trained):
+    same = all(torch.equal(weights[n], p.detach().float()) for n, p in module.named_parameters() if p.requires_grad)
+print("joined", len(names), len(weights), same)
 # Evaluation samples through the module's own pipeline while every weight stays partitioned: each module's
 # forward gathers its parameters, as it does in training.
 from mm_lightning.pipeline import sample_video
@@ -168,7 +185,7 @@ print("frames", *frames.shape, frames.std())
 
 
 @pytest.mark.slow  # DeepSpeed builds its CPU communication op on first use: about a minute
-def test_zero3_trains_the_face_encoder_queries_under_gradient_checkpointing_then_samples():
+def test_zero3_trains_then_checkpoints_then_samples(tmp_path):
     pytest.importorskip("deepspeed")
     env = {
         **os.environ,
@@ -181,9 +198,18 @@ def test_zero3_trains_the_face_encoder_queries_under_gradient_checkpointing_then
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     done = subprocess.run(
-        [sys.executable, "-c", _ZERO3_STEPS], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _ZERO3_STEPS, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    lines = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.strip()}
+    assert lines["resume"] == ["step=2.ckpt", "2"]  # the shard folder, and its step
+    trained, joined, same = lines["joined"]
+    assert int(trained) > 0 and int(joined) <= 2 * int(trained) and same == "True"  # the trained weights only
     losses = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("loss ")]
     assert len(losses) == 2 and all(map(math.isfinite, losses))
     assert losses[1] != losses[0]  # same batch, noise and timesteps: the weights moved

@@ -28,7 +28,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from mm_lightning.curriculum import Preempted, ResumeError, fit
+    from mm_lightning.checkpoints import ResumeError
+    from mm_lightning.curriculum import Preempted, fit
 
     cfg = config_from_args(args)
     bad = [tag for tag in args.tag if "=" not in tag]
