@@ -112,3 +112,20 @@ def test_eval_set_negative_prompt_per_prompt_or_default(tmp_path):
     del spec["negative_prompt"]
     (tmp_path / "set.yaml").write_text(yaml.safe_dump(spec))
     assert load_eval_set(tmp_path / "set.yaml")[0].negative_prompt is None  # -> sampling.negative_prompt
+
+
+@pytest.mark.slow  # inductor compiles the two block classes on the CPU: about half a minute
+def test_compiled_blocks_give_the_same_video(tiny):
+    # sampling.compile_blocks: generate runs every transformer block under torch.compile.
+    from mm_lightning.models.magicmirror import compile_blocks
+
+    cfg = tiny[0]
+    components = load_components(cfg)
+    open_adapters(components.transformer)
+    eager = _sample(cfg, build_pipeline(components))
+    compile_blocks(components.transformer.base.transformer_blocks)
+    torch._dynamo.utils.counters.clear()
+    compiled = _sample(cfg, build_pipeline(components))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # adapted and plain blocks did compile
+    diff = (torch.as_tensor(compiled).int() - torch.as_tensor(eager).int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01  # uint8 frames: rounding apart
