@@ -35,6 +35,25 @@ snapshot() {
 }
 overrides() { python -c "from pathlib import Path; from mm_lightning.commands.snapshot import snapshot_overrides as o; print(' '.join(o(Path('$SNAP'))))"; }
 
+# The newest run under $1: its finished stages, then each checkpoint (a file, or a DeepSpeed folder of shards)
+# with its step and size, and what final.ckpt holds.
+list_checkpoints() {
+  python - "$1" <<'EOF'
+import json, sys, torch
+from pathlib import Path
+from mm_lightning.checkpoints import checkpoint_step
+run = sorted(p for p in Path(sys.argv[1]).glob("*") if (p / "run.json").exists())[-1]
+print("run.json:", json.loads((run / "run.json").read_text())["finished_stages"])
+for f in sorted(run.glob("checkpoints/*/*.ckpt")):
+    size = sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) if f.is_dir() else f.stat().st_size
+    kind = " (DeepSpeed shards)" if f.is_dir() else ""
+    print(f"{f.relative_to(run)}{kind}: global_step {checkpoint_step(f)}, {size / 2**30:.1f} GiB")
+    if f.name == "final.ckpt":
+        final = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+        print(f"  {len(final['state_dict'])} tensors, stage {final['mm_stage']}")
+EOF
+}
+
 case "$1" in
 snapshot) snapshot ;;
 fit)
@@ -55,15 +74,7 @@ fit)
   sleep 2
   rm -f "$RUNS"/*/checkpoints/image_pretrain/last.ckpt "$RUNS"/*/checkpoints/image_pretrain/step=*.ckpt  # stage done: final.ckpt
   $FIT curriculum.stages.video_finetune.max_steps=3 --resume 2>&1 | quiet | grep --line-buffered -v "^  " | tee "$OUT/fit_resume.log" || exit 1
-  python - "$RUNS" <<'EOF' | tee -a "$OUT/fit_resume.log"
-import json, sys, torch
-from pathlib import Path
-run = sorted(p for p in Path(sys.argv[1]).glob("*") if (p / "run.json").exists())[-1]
-print("run.json:", json.loads((run / "run.json").read_text())["finished_stages"])
-for f in sorted(run.glob("checkpoints/*/*.ckpt")):
-    ckpt = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
-    print(f"{f.relative_to(run)}: global_step {ckpt['global_step']}, {f.stat().st_size / 2**30:.1f} GiB")
-EOF
+  list_checkpoints "$RUNS" | tee -a "$OUT/fit_resume.log"
   ;;
 evalfit)
   snapshot || exit 1
@@ -144,16 +155,7 @@ zero3)
   sleep 2
   (cd /tmp && python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=2 --resume) 2>&1 | quiet \
     | grep --line-buffered -v "^  " | tee "$OUT/zero3_resume.log" || exit 1
-  python - "$RUNS/zero3" <<'EOF' | tee -a "$OUT/zero3_resume.log"
-import sys, torch
-from pathlib import Path
-run = sorted(p for p in Path(sys.argv[1]).glob("*") if (p / "run.json").exists())[-1]
-for f in sorted(run.glob("checkpoints/*/*")):
-    size = sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) if f.is_dir() else f.stat().st_size
-    print(f"{f.relative_to(run)}{'/ (DeepSpeed shards)' if f.is_dir() else ''}: {size / 2**30:.1f} GiB")
-final = torch.load(run / "checkpoints/video_finetune/final.ckpt", map_location="cpu", weights_only=False, mmap=True)
-print("final.ckpt: global_step", final["global_step"], "tensors", len(final["state_dict"]), "stage", final["mm_stage"])
-EOF
+  list_checkpoints "$RUNS/zero3" | tee -a "$OUT/zero3_resume.log"
   ;;
 *) echo "usage: $0 snapshot|fit|evalfit|step|sample|optim|generate|multi|zero3"; exit 2 ;;
 esac
