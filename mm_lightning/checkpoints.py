@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities.deepspeed import ds_checkpoint_dir
+from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict, ds_checkpoint_dir
 
 
 class ResumeError(Exception):
@@ -67,8 +67,6 @@ def save_stage_weights(trainer: L.Trainer, path: Path) -> None:
     if not isinstance(trainer.strategy, DeepSpeedStrategy):
         trainer.save_checkpoint(path, weights_only=True)  # rank 0 writes
         return
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
     shards = path.with_suffix(".shards")
     trainer.save_checkpoint(shards, weights_only=True)
     if trainer.is_global_zero:
