@@ -1,13 +1,15 @@
 """One adapted block against diffusers' bare CogVideoXBlock at CogVideoX-5B shapes (issue 11).
 
-    python benchmarks/block_step.py [--compiled-merge] [--kernels 40]
+    python benchmarks/block_step.py [--stage image] [--compiled-merge] [--kernels 40] [--ops 40]
 
 Times a training pass (forward + backward to the block's inputs; the block's own weights frozen, the
-adapter's trained, no gradient checkpointing) at batch 1 and an inference pass at batch 2 (classifier-free
-guidance) of both blocks, on 3072 wide, 48 heads, 226 text + 17550 video tokens (49x480x720), 32 face tokens.
+adapter's trained, no gradient checkpointing) and an inference pass at twice the batch (classifier-free
+guidance) of both blocks, on 3072 wide, 48 heads, 226 text tokens and 32 face tokens, and the stage's video
+tokens: 17550 at batch 1 (video, 49x480x720) or 1350 at batch 8 (image, one 480x720 frame).
 `bench` gives the whole model's ratio; this isolates one adapted block, where the adapter's cost is 2x the
 model's (half the 5B blocks are adapted), and shows which kernels it adds:
 --kernels N prints the top N GPU kernels of each block's training pass (torch.profiler).
+--ops N prints the top N operators (by GPU time, grouped by input shapes) of each block's training pass.
 --compiled-merge also times the adapted block with `merge_face_keys` under torch.compile (its elementwise
 work fused), to see what fusing the merge alone would buy. Needs a GPU.
 """
@@ -22,7 +24,8 @@ from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBloc
 from mm_lightning.commands.bench_counters import print_kernels, timed, top_kernels
 from mm_lightning.models import adapter
 
-DIM, HEADS, TIME_DIM, TEXT, VIDEO, FACE = 3072, 48, 512, 226, 17550, 32
+DIM, HEADS, TIME_DIM, TEXT, FACE = 3072, 48, 512, 226, 32
+STAGES = {"video": (1, 17550), "image": (8, 1350)}  # training batch, video tokens
 CUDA = torch.device("cuda")
 
 
@@ -46,14 +49,14 @@ def adapted_block() -> adapter.MagicMirrorBlock:
     return block
 
 
-def pass_fn(block, adapted: bool, batch: int):
-    """A closure running one pass: forward + backward at batch 1, forward without autograd at batch 2."""
-    train = batch == 1
-    video, text, face = (torch.randn(batch, n, DIM, device="cuda", dtype=torch.bfloat16) for n in (VIDEO, TEXT, FACE))
+def pass_fn(block, adapted: bool, batch: int, video_tokens: int, train: bool):
+    """A closure running one pass: forward + backward when training, else forward without autograd."""
+    shapes = (video_tokens, TEXT, FACE)
+    video, text, face = (torch.randn(batch, n, DIM, device="cuda", dtype=torch.bfloat16) for n in shapes)
     for x in (video, text, face):
         x.requires_grad_(train)
     temb, id_cond = (torch.randn(batch, TIME_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    rope = tuple(torch.randn(VIDEO, DIM // HEADS, device="cuda") for _ in range(2))
+    rope = tuple(torch.randn(video_tokens, DIM // HEADS, device="cuda") for _ in range(2))
 
     def forward():
         if adapted:
@@ -69,28 +72,55 @@ def pass_fn(block, adapted: bool, batch: int):
     return one_pass
 
 
+def print_ops(title: str, fn, n: int) -> None:
+    """The n operators with the most GPU time of their own over one call of fn, per input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"  {title}: {total:.1f} ms on the GPU; costliest operators:")
+    for e in events[:n]:
+        ms = e.self_device_time_total / 1e3
+        print(f"    {ms:8.2f} ms {e.count:4d}x  {e.key[:48]:48s} {str(e.input_shapes)[:110]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", choices=sorted(STAGES), default="video", help="the stage's shapes (default: video)")
     parser.add_argument("--compiled-merge", action="store_true", help="also time the merge under torch.compile")
     parser.add_argument("--kernels", type=int, default=0, help="print the top N GPU kernels of each training pass")
+    parser.add_argument("--ops", type=int, default=0, help="print the top N operators of each training pass")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    batch, video_tokens = STAGES[args.stage]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.stage} stage, {video_tokens} video tokens")
     variants = [("bare", bare_block(), False), ("adapted", adapted_block(), True)]
     eager_merge = adapter.merge_face_keys
-    for batch, what in ((1, "training pass, batch 1"), (2, "inference pass, batch 2")):
+    for train, passes in ((True, batch), (False, 2 * batch)):
+        what = f"{'training' if train else 'inference'} pass, batch {passes}"
         base = None
         for label, block, adapted in variants:
-            ms = 1000 * timed(pass_fn(block, adapted, batch), steps=10, warmup=3, device=CUDA)
+            ms = 1000 * timed(pass_fn(block, adapted, passes, video_tokens, train), steps=10, warmup=3, device=CUDA)
             base = base or ms
             print(f"{what}: {label:24s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
         if args.compiled_merge:
             adapter.merge_face_keys = torch.compile(eager_merge)
-            ms = 1000 * timed(pass_fn(variants[1][1], True, batch), steps=10, warmup=3, device=CUDA)
+            one_pass = pass_fn(variants[1][1], True, passes, video_tokens, train)
+            ms = 1000 * timed(one_pass, steps=10, warmup=3, device=CUDA)
             adapter.merge_face_keys = eager_merge
             print(f"{what}: {'adapted, merge compiled':24s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
-    for label, block, adapted in variants if args.kernels else ():
-        print_kernels(f"{label} block, training pass", top_kernels(pass_fn(block, adapted, 1), args.kernels, CUDA))
+    for label, block, adapted in variants:
+        one_pass = pass_fn(block, adapted, batch, video_tokens, train=True)
+        if args.kernels:
+            print_kernels(f"{label} block, training pass", top_kernels(one_pass, args.kernels, CUDA))
+        if args.ops:
+            print_ops(f"{label} block, training pass", one_pass, args.ops)
 
 
 if __name__ == "__main__":

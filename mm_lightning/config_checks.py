@@ -81,6 +81,12 @@ def validate(cfg: DictConfig) -> None:
             f"ema.enabled does not work with trainer.strategy={cfg.trainer.strategy} (Lightning's weight "
             "averaging needs unsharded weights); use ddp or deepspeed_stage_2"
         )
+    if cfg.trainer.compile_blocks and cfg.trainer.strategy == "deepspeed_stage_3":
+        # ZeRO-3 gathers each layer's weights in hooks inside the blocks, which torch.compile would have to trace.
+        raise ConfigError(
+            "trainer.compile_blocks=true (the 5B profile's default) has not run under trainer.strategy="
+            "deepspeed_stage_3, whose weight gathering runs inside every block; add trainer.compile_blocks=false"
+        )
     if cfg.optim.name not in ("adamw", "adamw8bit"):
         raise ConfigError(f"optim.name must be adamw or adamw8bit, got {cfg.optim.name!r}")
     if cfg.optim.name == "adamw8bit" and importlib.util.find_spec("torchao") is None:

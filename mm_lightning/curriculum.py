@@ -298,6 +298,8 @@ def strategy(cfg: DictConfig):
     if name.startswith("deepspeed_stage_"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
+        if not torch.cuda.is_available():  # else Lightning's refusal is masked by OnExceptionCheckpoint's own error
+            raise ConfigError(f"trainer.strategy={name} needs CUDA GPUs and none is visible: use ddp or auto here")
         # Checkpoints hold the trained weights, as under the other strategies: not the frozen backbone, T5 or VAE.
         return DeepSpeedStrategy(stage=int(name.removeprefix("deepspeed_stage_")), exclude_frozen_parameters=True)
     return name  # "auto"

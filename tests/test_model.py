@@ -3,7 +3,6 @@
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
-from torch.nn import functional as F
 
 from mm_lightning.ablation_matrix import load_matrix
 from mm_lightning.config import list_experiments, load_config
@@ -193,18 +192,6 @@ def test_softmax_with_logsumexp_has_both_values_and_gradients():
     assert torch.autograd.gradcheck(SoftmaxWithLogSumExp.apply, (scores,))
 
 
-def test_hand_written_attentions_equal_sdpa():
-    # The few-key and two-key-set attentions (plain matmuls, for speed) are attention over the same keys.
-    from mm_lightning.models.adapter import few_key_attention, two_key_set_attention
-
-    torch.manual_seed(0)
-    q, k1, v1 = torch.randn(2, 3, 20, 8), torch.randn(2, 3, 30, 8), torch.randn(2, 3, 30, 8)
-    k2, v2 = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
-    assert torch.allclose(few_key_attention(q, k2, v2), F.scaled_dot_product_attention(q, k2, v2), atol=1e-6)
-    joint = F.scaled_dot_product_attention(q, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2))
-    assert torch.allclose(two_key_set_attention(q, k1, v1, k2, v2), joint, atol=1e-6)
-
-
 def test_face_key_merge_compiles_in_one_graph():
     # trainer.compile_blocks compiles the adapted blocks: the merge (with its autograd.Function) must trace whole.
     from mm_lightning.models.adapter import attention_with_lse, merge_face_keys
@@ -234,7 +221,7 @@ def test_cross_attention_query_carries_no_rope():
         rotary = pipe._prepare_rotary_positional_embeddings(64, 64, 3, torch.device("cpu"))  # 3 x 4 x 4 = 48 tokens
         captured = {}
         read = type(block).cross_attention
-        block.cross_attention = lambda q, tokens: captured.setdefault("ca", read(block, q, tokens))
+        block.cross_attention = lambda q, tokens, keep: captured.setdefault("ca", read(block, q, tokens, keep))
         block.attention(video, text, None, face, rotary)
     video_reads = captured["ca"][:, :, 4:]  # [B, H, 48, D/H]: the video queries' cross-attention
     assert (video_reads - video_reads[:, :, :1]).abs().max() == 0
@@ -280,6 +267,9 @@ def test_attention_with_lse_on_cuda(dtype):
     expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
     for got, want in zip(grads, expected_grads):
         assert torch.allclose(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+    # Compiled blocks trace it whole: a graph break here splits every adapted block's graph.
+    compiled = torch.compile(attention_with_lse, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, (out, lse)))
 
 
 def test_random_vae_weights_have_a_near_deterministic_posterior():

@@ -224,3 +224,19 @@ def test_ema_is_refused_where_the_weights_are_sharded():
     with pytest.raises(ConfigError, match="trainer.strategy=deepspeed_stage_3"):
         load_config("full", overrides=["ema.enabled=true", "trainer.strategy=deepspeed_stage_3"])
     load_config("full", overrides=["ema.enabled=true", "trainer.strategy=deepspeed_stage_2"])
+
+
+def test_compiled_blocks_are_refused_under_zero3():
+    zero3 = ["trainer.strategy=deepspeed_stage_3"]
+    with pytest.raises(ConfigError, match="add trainer.compile_blocks=false"):
+        load_config("full", profile="cogvideox-5b", overrides=zero3)
+    load_config("full", profile="cogvideox-5b", overrides=[*zero3, "trainer.compile_blocks=false"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_deepspeed_without_cuda_is_a_config_error():
+    # Lightning refuses DeepSpeed on the CPU, but OnExceptionCheckpoint's failed save then hid its message.
+    from mm_lightning.curriculum import strategy
+
+    with pytest.raises(ConfigError, match="trainer.strategy=deepspeed_stage_2 needs CUDA GPUs"):
+        strategy(load_config("full", overrides=["trainer.strategy=deepspeed_stage_2"]))

@@ -35,9 +35,10 @@ differentiate it: the gradient through lse_b (zero at init, of order w (1 - w) a
 dropped. `face_attention="cross_only"` keeps the earlier design (text/video read the face
 only through the cross-attention) for comparison.
 
-Cost: the cross-attention adds no output projection of its own, and the attentions over the
-32 face keys (or from the 32 face queries) are plain matmuls, where fused kernels would leave
-their tiles mostly idle (benchmarks/real_scale/h200x1/block_step.md).
+Cost: the cross-attention adds no output projection of its own, and a dropped face (keep = 0) is folded
+into the merge's weight and the cross-attention's values rather than masking whole outputs. The attentions
+over the 32 face keys (or from the 32 face queries) go through PyTorch's SDPA: plain matmuls were no faster
+at video shapes and slower at image shapes (benchmarks/real_scale/h200x1/block_step.md).
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from torch import nn
 from torch.nn import functional as F
+
+
+@torch.compiler.assume_constant_result
+def _cudnn_attention_enabled() -> bool:
+    # A constant to torch.compile: the bare query is a graph break (a torch.* call returning a bool), which split
+    # every compiled adapted block in three on CUDA.
+    return torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +67,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         if torch.is_autocast_enabled("cuda"):  # raw aten ops skip autocast: cast as autocast casts SDPA's inputs
             q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
         if q.dtype in (torch.float16, torch.bfloat16):
-            if torch.backends.cuda.cudnn_sdp_enabled():
+            if _cudnn_attention_enabled():
                 try:
                     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
                     return out, lse.reshape(q.shape[:3])  # cuDNN gives [B, H, S, 1]
@@ -95,27 +103,6 @@ class SoftmaxWithLogSumExp(torch.autograd.Function):
         return grad.addcmul_(probs, grad_lse.unsqueeze(-1)).to(ctx.scores_dtype)
 
 
-def few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for a few keys (the face tokens): q [B, H, S, d], k and v [B, H, Nf, d].
-
-    As plain matmuls: the fused attention kernels tile the keys in blocks of 64 or more; cuDNN's backward
-    took 0.65 ms for the 5B cross-attention's 32 keys (benchmarks/real_scale/h200x1/block_step.md)."""
-    scores = q @ (k * q.shape[-1] ** -0.5).transpose(-1, -2)  # [B, H, S, Nf]; the few keys scaled, not q
-    return scores.softmax(-1) @ v
-
-
-def two_key_set_attention(q, k1, v1, k2, v2) -> torch.Tensor:
-    """softmax(q [k1; k2]^T / sqrt(d)) [v1; v2] for a few queries (the face stream's) over long k1, v1 (text and
-    video) and short k2, v2 (the face stream's own): q [B, H, Nf, d] -> [B, H, Nf, d].
-
-    As plain matmuls, so that the long keys and values are never concatenated (a copy of each, then of their
-    gradients) and the few queries do not leave a fused kernel's tiles idle."""
-    q = q * q.shape[-1] ** -0.5
-    probs = torch.cat([q @ k1.transpose(-1, -2), q @ k2.transpose(-1, -2)], -1).softmax(-1)  # [B, H, Nf, S1+S2]
-    p1, p2 = probs.split([k1.shape[2], k2.shape[2]], -1)
-    return p1 @ v1 + p2 @ v2
-
-
 def merge_face_keys(
     out_base: torch.Tensor,  # [B, H, S, d] attention over the base keys
     lse_base: torch.Tensor,  # [B, H, S]
@@ -123,9 +110,10 @@ def merge_face_keys(
     k_face: torch.Tensor,  # [B, H, Nf, d]
     v_face: torch.Tensor,  # [B, H, Nf, d]
     gate: torch.Tensor,  # [H] >= 0
+    keep: torch.Tensor | None = None,  # [B, 1, 1, 1]: 0 where a sample's face is dropped
 ) -> torch.Tensor:
     """softmax([s_base, s_face + log gate]) [V_base; V_face], from the base attention's output and
-    log-sum-exp; exactly out_base where gate == 0 (see the module docstring)."""
+    log-sum-exp; exactly out_base where gate == 0 or keep == 0 (see the module docstring)."""
     # Few passes over the [B, H, S, Nf] scores: they are the merge's main cost in eager mode (S is ~17.5K at 5B).
     scores = q @ (k_face * q.shape[-1] ** -0.5).transpose(-1, -2)  # [B, H, S, Nf] in q's dtype: few face keys
     probs, lse_face = SoftmaxWithLogSumExp.apply(scores)  # fp32 at least: [B, H, S, Nf], [B, H, S]
@@ -135,7 +123,9 @@ def merge_face_keys(
     m = d.clamp(min=0)
     g = gate.float().view(1, -1, 1)
     scaled = g * torch.exp(d - m)
-    w = (scaled / (torch.exp(-m) + scaled)).unsqueeze(-1).to(out_base.dtype)
+    w = (scaled / (torch.exp(-m) + scaled)).unsqueeze(-1).to(out_base.dtype)  # [B, H, S, 1]
+    if keep is not None:
+        w = w * keep
     return torch.lerp(out_base, out_face, w)  # out_base + w (out_face - out_base) in one kernel; out_base at w = 0
 
 
@@ -201,19 +191,20 @@ class MagicMirrorBlock(nn.Module):
     def attention(self, video, text, face_stream, face_tokens, image_rotary_emb, keep_face=None):
         """Joint attention of the block (as diffusers' CogVideoXAttnProcessor2_0 computes it),
         plus the decoupled face cross-attention and the face stream's own queries.
-        keep_face [B] (1 kept, 0 dropped) masks what text and video read from the face, per sample.
+        keep_face [B, 1, 1, 1] (1 kept, 0 dropped) masks what text and video read from the face, per sample.
         Returns the attention outputs of (video [B, N, D], text [B, L, D], face stream [B, Nf, D] or None)."""
         attn = self.block.attn1
         text_len = text.shape[1]
         q, k, v = self._qkv(torch.cat([text, video], dim=1))  # [B, H, L+N, D/H]
         q_joint = q
         if image_rotary_emb is not None:
-            # RoPE on the video tokens, as one rotation over text and video with the text rows turned by 0
-            # (cos 1, sin 0: exactly the identity). Each of q and k gets one new tensor, without the slice copies
-            # of rotating in place (as diffusers does), and q stays unrotated for the cross-attention.
+            # RoPE on the video tokens. k in place, as diffusers does. q stays unrotated for the cross-attention:
+            # one rotation over text and video into a new tensor, the text rows turned by 0 (cos 1, sin 0: exactly
+            # the identity), instead of a clone and the in-place slice.
             cos, sin = image_rotary_emb  # [N, D/H]
             rope = (F.pad(cos, (0, 0, text_len, 0), value=1.0), F.pad(sin, (0, 0, text_len, 0)))  # [L+N, D/H]
-            q_joint, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
+            q_joint = apply_rotary_emb(q, rope)
+            k[:, :, text_len:] = apply_rotary_emb(k[:, :, text_len:], image_rotary_emb)
         if face_stream is not None:
             # Its own projection calls (32 tokens: nothing to share), so that no gradient of the [B, H, L+N, D/H]
             # tensors has to be joined with the face's in the backward (those copies were 0.7 ms at 5B).
@@ -225,28 +216,30 @@ class MagicMirrorBlock(nn.Module):
             # in the first steps can reopen. With the clamp's own gradient (0 below 0) such a head stays shut for
             # good: 3 of the tiny profile's 4 heads did within 150 steps, and the face barely reached the video.
             gate = self.face_key_gate + (self.face_key_gate.clamp(min=0) - self.face_key_gate).detach()
-            merged = merge_face_keys(out, lse, q_joint, k_face, v_face, gate)
-            out = merged if keep_face is None else out + keep_face * (merged - out)
+            out = merge_face_keys(out, lse, q_joint, k_face, v_face, gate, keep_face)
         else:  # the base block's own attention over text and video
             out = F.scaled_dot_product_attention(q_joint, k, v)  # [B, H, L+N, D/H]
         if self.to_v_face is not None:
-            cross = self.cross_attention(q, face_tokens)
-            out = out + (cross if keep_face is None else keep_face * cross)
+            out = out + self.cross_attention(q, face_tokens, keep_face)
         # The output projection runs on text+video and on the face stream apart: one call over the concatenation
         # would copy the [B, L+N, D] attention output twice (cat, then the head merge, a view without the cat).
         out = attn.to_out[1](attn.to_out[0](self._merge(out)))  # [B, L+N, D]
         face_out = None
         if face_stream is not None:  # m_face: the face stream queries [text, video, face]
-            face_out = self._merge(two_key_set_attention(q_face, k, v, k_face, v_face))  # [B, Nf, D]
+            k_all, v_all = torch.cat([k, k_face], dim=2), torch.cat([v, v_face], dim=2)  # [B, H, L+N+Nf, D/H]
+            face_out = self._merge(F.scaled_dot_product_attention(q_face, k_all, v_all))  # [B, Nf, D]
             face_out = attn.to_out[1](attn.to_out[0](face_out))
         return out[:, text_len:], out[:, :text_len], face_out
 
-    def cross_attention(self, q: torch.Tensor, face_tokens: torch.Tensor) -> torch.Tensor:
-        """CA(W_q x, W'_kv x_face): q [B, H, S, D/H] (without RoPE), face_tokens [B, Nf, D] -> [B, H, S, D/H]."""
+    def cross_attention(self, q: torch.Tensor, face_tokens: torch.Tensor, keep_face=None) -> torch.Tensor:
+        """CA(W_q x, W'_kv x_face): q [B, H, S, D/H] (without RoPE), face_tokens [B, Nf, D] -> [B, H, S, D/H];
+        zero for samples with keep_face [B, 1, 1, 1] == 0 (their values zeroed: the output is a mix of them)."""
         face_kv = self.face_kv_norm(face_tokens)
         k_face = self.norm_k_face(self._heads(self.to_k_face(face_kv)))
         v_face = self._heads(self.to_v_face(face_kv))
-        return few_key_attention(q, k_face, v_face)
+        if keep_face is not None:
+            v_face = v_face * keep_face
+        return F.scaled_dot_product_attention(q, k_face, v_face)
 
     def forward(
         self,
