@@ -38,7 +38,7 @@ only through the cross-attention) for comparison.
 Cost: the cross-attention adds no output projection of its own, and a dropped face (keep = 0) is folded
 into the merge's weight and the cross-attention's values rather than masking whole outputs. The attentions
 over the 32 face keys (or from the 32 face queries) go through PyTorch's SDPA: plain matmuls were no faster
-at video shapes and slower at image shapes (benchmarks/real_scale/h200x1/block_step.md).
+at video shapes and slower at image shapes (benchmarks/real_scale/h100x1/adapter_ab_*.log).
 """
 
 from __future__ import annotations
