@@ -115,7 +115,7 @@ def main() -> None:
             ms = 1000 * timed(one_pass, steps=10, warmup=3, device=CUDA)
             adapter.merge_face_keys = eager_merge
             print(f"{what}: {'adapted, merge compiled':24s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
-    for label, block, adapted in variants:
+    for label, block, adapted in variants if args.kernels or args.ops else ():
         one_pass = pass_fn(block, adapted, batch, video_tokens, train=True)
         if args.kernels:
             print_kernels(f"{label} block, training pass", top_kernels(one_pass, args.kernels, CUDA))

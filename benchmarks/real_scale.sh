@@ -140,7 +140,7 @@ deepspeed)
   # fit under DeepSpeed ZeRO-$ZERO on every GPU (or DEVICES). The video stage is killed (-9, the whole process group)
   # once its step-1 checkpoint (a folder of shards) is complete; --resume continues from it to step 2, joins the
   # stage's weights into final.ckpt and evaluates: one video of EVAL_STEPS sampling steps (under ZeRO-3 with every
-  # weight still partitioned). One checkpoint kept: at 5B each folder is about 21 GB, and in /dev/shm they share the
+  # weight still partitioned). One checkpoint kept: at 5B each folder is 23-24 GiB, and in /dev/shm they share the
   # host's memory with the join of the stage's weights.
   ZERO=${ZERO:-2}
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
