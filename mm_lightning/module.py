@@ -57,8 +57,7 @@ class MagicMirrorModule(L.LightningModule):
             # activations wait for the backward (+19.4 GiB for one 480x720 frame at 5B). Without a gradient
             # (encoding, sampling) diffusers' VAE runs as usual.
             self.vae.enable_gradient_checkpointing()
-        if cfg.trainer.compile_blocks:
-            compile_blocks(self.transformer.base.transformer_blocks)
+        self._blocks_compiled = False
 
     @classmethod
     def from_checkpoint(
@@ -98,6 +97,14 @@ class MagicMirrorModule(L.LightningModule):
     @property
     def stage_cfg(self) -> DictConfig:
         return self.cfg.curriculum.stages[self.stage]
+
+    def setup(self, stage: str) -> None:
+        """trainer.compile_blocks compiles the blocks for `fit` (training and its evaluation passes), once for
+        every curriculum stage; `generate` and `evaluate` build the same module and follow sampling.compile_blocks.
+        Lightning calls this before the strategy wraps the model."""
+        if stage == "fit" and self.cfg.trainer.compile_blocks and not self._blocks_compiled:
+            compile_blocks(self.transformer.base.transformer_blocks)
+            self._blocks_compiled = True
 
     def set_stage(self, stage: str) -> None:
         """The curriculum hands the same weights on to the next stage."""

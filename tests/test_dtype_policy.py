@@ -46,6 +46,20 @@ def test_bf16_mixed_keeps_frozen_modules_bf16_and_trainable_ones_fp32():
     assert changed == len(with_grad)
 
 
+def test_trainer_compile_blocks_compiles_for_fit_only():
+    # generate and evaluate build the same module from a checkpoint's config: trainer.compile_blocks (the 5B
+    # profile's default) must not compile their blocks behind sampling.compile_blocks' back.
+    cfg = load_config("full", overrides=["trainer.compile_blocks=true"])
+    module = MagicMirrorModule(cfg, stage="image_pretrain", text_encoder=False, vae=False)
+    blocks = module.transformer.base.transformer_blocks
+    assert all(block._compiled_call_impl is None for block in blocks)
+    module.setup("fit")
+    compiled = [block._compiled_call_impl for block in blocks]
+    assert all(c is not None for c in compiled)
+    module.setup("fit")  # the next curriculum stage: the same compiled blocks
+    assert all(block._compiled_call_impl is c for block, c in zip(blocks, compiled))
+
+
 def test_frozen_dtype_float32_keeps_everything_fp32_under_bf16_mixed():
     cfg = load_config("full", overrides=["trainer.precision=bf16-mixed", "trainer.frozen_dtype=float32"])
     module = MagicMirrorModule(cfg, stage="image_pretrain", text_encoder=False, vae=False)
