@@ -10,7 +10,7 @@ A run lives in `<output_dir>/<timestamp>/`:
   run.json                      MLflow run id and the stages already finished
   config.yaml                   the resolved config
   checkpoints/<stage>/last.ckpt  latest periodic checkpoint (trainable weights + optimiser)
-  checkpoints/<stage>/on_exception.ckpt  written when a stage dies of an exception
+  checkpoints/<stage>/on_exception.ckpt  written when a stage dies of an exception after its first step
   checkpoints/<stage>/final.ckpt         the stage's trained weights, once it finished
 Under DeepSpeed the periodic checkpoints are folders of per-rank shards, and final.ckpt is joined
 into one file (mm_lightning/checkpoints.py). `fit(..., resume=True)` takes the newest run folder
@@ -31,13 +31,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from filelock import FileLock, Timeout
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.entities import Param
 from omegaconf import DictConfig, OmegaConf
 
+from mm_lightning.callbacks.exception_checkpoint import ExceptionCheckpoint
 from mm_lightning.callbacks.progress import StageProgressBar
 from mm_lightning.checkpoints import ResumeError, latest_checkpoint, save_stage_weights
 from mm_lightning.config import ConfigError
@@ -298,7 +299,7 @@ def strategy(cfg: DictConfig):
     if name.startswith("deepspeed_stage_"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        if not torch.cuda.is_available():  # else Lightning's refusal is masked by OnExceptionCheckpoint's own error
+        if not torch.cuda.is_available():  # one line here, rather than Lightning's traceback once fit starts
             raise ConfigError(f"trainer.strategy={name} needs CUDA GPUs and none is visible: use ddp or auto here")
         # Checkpoints hold the trained weights, as under the other strategies: not the frozen backbone, T5 or VAE.
         return DeepSpeedStrategy(stage=int(name.removeprefix("deepspeed_stage_")), exclude_frozen_parameters=True)
@@ -411,7 +412,7 @@ def _fit_stages(cfg: DictConfig, run_dir: Path, resume: bool, tags: dict[str, st
                 save_top_k=cfg.trainer.keep_checkpoints,
                 every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
             ),
-            OnExceptionCheckpoint(dirpath=ckpt_dir),
+            ExceptionCheckpoint(dirpath=ckpt_dir),
             StageProgressBar(stage),
             *ema_callbacks(cfg),  # before evaluation: an eval at step N sees the EMA updated at N
             *stage_callbacks(cfg, stage),

@@ -99,9 +99,9 @@ class MagicMirrorModule(L.LightningModule):
         return self.cfg.curriculum.stages[self.stage]
 
     def setup(self, stage: str) -> None:
-        """trainer.compile_blocks compiles the blocks for `fit` (training and its evaluation passes), once for
-        every curriculum stage; `generate` and `evaluate` build the same module and follow sampling.compile_blocks.
-        Lightning calls this before the strategy wraps the model."""
+        """trainer.compile_blocks compiles the blocks for `fit` (training and its evaluation passes), once for all
+        curriculum stages. `generate` and `evaluate` build the same module without this hook: `generate` follows
+        sampling.compile_blocks, `evaluate` runs eager. Lightning calls it before the strategy wraps the model."""
         if stage == "fit" and self.cfg.trainer.compile_blocks and not self._blocks_compiled:
             compile_blocks(self.transformer.base.transformer_blocks)
             self._blocks_compiled = True

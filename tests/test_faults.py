@@ -162,3 +162,22 @@ def test_an_outage_is_kept_in_the_run_folder_and_sync_run_pushes_it(tmp_path, mo
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 1, 2]
     assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/per_video.json"]
     assert not (run_dir / BACKLOG_FILE).exists() and sync_run(run_dir) == 0
+
+
+def test_an_error_before_the_first_step_is_not_replaced_by_a_checkpoint_save(tmp_path):
+    # Under DeepSpeed a save before the engine exists raised its own AttributeError in place of the setup's error.
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from mm_lightning.callbacks.exception_checkpoint import ExceptionCheckpoint
+
+    class FailingSetup(BoringModel):
+        def setup(self, stage):
+            raise ValueError("setup failed")
+
+    trainer = L.Trainer(
+        max_steps=1, callbacks=[ExceptionCheckpoint(dirpath=tmp_path)], logger=False, enable_progress_bar=False
+    )
+    with pytest.raises(ValueError, match="setup failed"):
+        trainer.fit(FailingSetup())
+    assert not (tmp_path / "on_exception.ckpt").exists()

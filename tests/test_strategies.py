@@ -235,7 +235,7 @@ def test_compiled_blocks_are_refused_under_zero3():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_deepspeed_without_cuda_is_a_config_error():
-    # Lightning refuses DeepSpeed on the CPU, but OnExceptionCheckpoint's failed save then hid its message.
+    # Lightning refuses DeepSpeed on the CPU too, with a traceback once fit has started: one line, before.
     from mm_lightning.curriculum import strategy
 
     with pytest.raises(ConfigError, match="trainer.strategy=deepspeed_stage_2 needs CUDA GPUs"):
