@@ -90,7 +90,7 @@ evalfit)
   ;;
 step)
   snapshot || exit 1
-  # Eager, as the bench it is compared with (and the steps measured before the profile compiled its blocks)
+  # Eager, as the bench it is compared with
   python benchmarks/fit_step.py --profile "$PROFILE" --snapshot "$SNAP" --identity --steps 3 --warmup 2 \
     --name fit_step_1gpu --out-dir "$OUT" $EXTRA trainer.compile_blocks=false 2>&1 | quiet | tee "$OUT/fit_step_1gpu.log" || exit 1
   python -P -m mm_lightning bench --profile "$PROFILE" --stage video --steps 3 --warmup 1 --device "$DEVICE" \
@@ -148,8 +148,7 @@ deepspeed)
   ARGS="--profile $PROFILE $(overrides) $EXTRA output_dir=$RUNS/zero$ZERO trainer.strategy=deepspeed_stage_$ZERO
         trainer.devices=${DEVICES:-$(python -c 'import torch; print(torch.cuda.device_count())')}
         curriculum.order=[video_finetune] trainer.checkpoint_every_n_steps=1 trainer.keep_checkpoints=1
-        loss.identity_weight=0 eval.max_videos=1 sampling.num_inference_steps=${EVAL_STEPS:-5}
-        $([ "$ZERO" = 3 ] && echo trainer.compile_blocks=false)"
+        loss.identity_weight=0 eval.max_videos=1 sampling.num_inference_steps=${EVAL_STEPS:-5}"
   (cd /tmp && exec setsid python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=3) \
     > "$OUT/zero${ZERO}_fit.log" 2>&1 &
   pid=$!  # setsid's session: the leader and the ranks it starts

@@ -84,7 +84,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.compile_blocks and cfg.trainer.strategy == "deepspeed_stage_3":
         # ZeRO-3 gathers each layer's weights in hooks inside the blocks, which torch.compile would have to trace.
         raise ConfigError(
-            "trainer.compile_blocks=true (the 5B profile's default) has not run under trainer.strategy="
+            "trainer.compile_blocks=true has not run under trainer.strategy="
             "deepspeed_stage_3, whose weight gathering runs inside every block; add trainer.compile_blocks=false"
         )
     if cfg.optim.name not in ("adamw", "adamw8bit"):

@@ -256,6 +256,7 @@ def gradient_accumulation(stage_cfg: DictConfig, world_size: int, stage: str) ->
 
 def build_trainer(cfg: DictConfig, stage: str, logger, callbacks: list, run_dir: Path) -> L.Trainer:
     s, t = cfg.curriculum.stages[stage], cfg.trainer
+    refuse_compiled_training_on_cuda(cfg)
     trainer = L.Trainer(
         max_steps=s.max_steps,
         accumulate_grad_batches=s.accumulate_grad_batches,
@@ -277,6 +278,27 @@ def build_trainer(cfg: DictConfig, stage: str, logger, callbacks: list, run_dir:
     # Only the built trainer knows the world size ("auto" devices, nodes); nothing has run yet.
     trainer.accumulate_grad_batches = gradient_accumulation(s, trainer.world_size, stage)
     return trainer
+
+
+# The first torch whose compiled CUDA backward of an adapted block has not been seen to give wrong gradients.
+COMPILED_CUDA_TRAINING_FROM = (2, 14)
+
+
+def refuse_compiled_training_on_cuda(cfg: DictConfig) -> None:
+    """trainer.compile_blocks on a GPU with torch < 2.14: a config error. On torch 2.11 (H100) inductor's
+    compiled backward of an adapted block at video length gives CAN and the face-key gate wrong gradients
+    (CAN's 14-17% off in bf16, far more in fp32; NaN at 5B under DeepSpeed), while eager and CPU compilation
+    agree (tests/test_model.py::test_compiled_block_gradients_equal_eager_at_video_length and
+    benchmarks/real_scale/compiled_gradients/README.md). Part of it is pytorch/pytorch#193061 (torch 2.10-2.13)."""
+    from packaging.version import Version
+
+    on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    version = Version(torch.__version__).release[:2]
+    if cfg.trainer.compile_blocks and on_gpu and version < COMPILED_CUDA_TRAINING_FROM:
+        raise ConfigError(
+            f"trainer.compile_blocks=true trains on wrong adapter gradients on CUDA with torch {torch.__version__} "
+            "(inductor; see benchmarks/real_scale/compiled_gradients/README.md): use trainer.compile_blocks=false"
+        )
 
 
 def strategy(cfg: DictConfig):

@@ -40,7 +40,7 @@ def out_of_memory_error(cfg: DictConfig, stage: str, err: BaseException) -> Trai
         peak = "peak unknown (no CUDA device)"
     options = [
         "trainer.strategy=deepspeed_stage_2 or fsdp (shard the AdamW states over GPUs), deepspeed_stage_3 "
-        "with trainer.compile_blocks=false (the weights too)",
+        "(the weights too)",
         "trainer.gradient_checkpointing=true" if not cfg.trainer.gradient_checkpointing else None,
         "trainer.frozen_dtype=bfloat16 (frozen backbone, T5, VAE, CLIP in bf16)"
         if cfg.trainer.frozen_dtype == "float32"

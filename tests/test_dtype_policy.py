@@ -47,8 +47,8 @@ def test_bf16_mixed_keeps_frozen_modules_bf16_and_trainable_ones_fp32():
 
 
 def test_trainer_compile_blocks_compiles_for_fit_only():
-    # generate and evaluate build the same module from a checkpoint's config: trainer.compile_blocks (the 5B
-    # profile's default) must not compile their blocks behind sampling.compile_blocks' back.
+    # generate and evaluate build the same module from a checkpoint's config: trainer.compile_blocks must not
+    # compile their blocks behind sampling.compile_blocks' back.
     cfg = load_config("full", overrides=["trainer.compile_blocks=true"])
     module = MagicMirrorModule(cfg, stage="image_pretrain", text_encoder=False, vae=False)
     blocks = module.transformer.base.transformer_blocks

@@ -229,8 +229,24 @@ def test_ema_is_refused_where_the_weights_are_sharded():
 def test_compiled_blocks_are_refused_under_zero3():
     zero3 = ["trainer.strategy=deepspeed_stage_3"]
     with pytest.raises(ConfigError, match="add trainer.compile_blocks=false"):
-        load_config("full", profile="cogvideox-5b", overrides=zero3)
-    load_config("full", profile="cogvideox-5b", overrides=[*zero3, "trainer.compile_blocks=false"])
+        load_config("full", profile="cogvideox-5b", overrides=[*zero3, "trainer.compile_blocks=true"])
+    load_config("full", profile="cogvideox-5b", overrides=zero3)
+
+
+def test_compiled_training_on_a_gpu_is_refused_before_torch_2_14(monkeypatch):
+    # torch 2.11's compiled CUDA backward gave the adapter wrong gradients (tests/test_model.py's CUDA test).
+    from mm_lightning.curriculum import refuse_compiled_training_on_cuda
+
+    compiled = load_config("full", overrides=["trainer.compile_blocks=true"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    with pytest.raises(ConfigError, match="wrong adapter gradients on CUDA with torch 2.11.0"):
+        refuse_compiled_training_on_cuda(compiled)
+    refuse_compiled_training_on_cuda(load_config("full"))  # eager
+    on_cpu = ["trainer.compile_blocks=true", "trainer.accelerator=cpu"]
+    refuse_compiled_training_on_cuda(load_config("full", overrides=on_cpu))
+    monkeypatch.setattr(torch, "__version__", "2.14.0")
+    refuse_compiled_training_on_cuda(compiled)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
