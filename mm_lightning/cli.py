@@ -64,6 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         FileNotFoundError,
         TrainingOutOfMemoryError,
         TrackingStoreError,
+        FloatingPointError,  # the module's NonFiniteLossError: a non-finite loss or gradient, weights kept
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

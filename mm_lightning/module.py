@@ -32,6 +32,12 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+NOT_UPDATED = (
+    ". The weights were not updated; the last checkpoint is kept. Lower the learning rate "
+    "(curriculum.stages.<stage>.lr) or use 32-true precision, then `fit ... --resume`."
+)
+
+
 class MagicMirrorModule(L.LightningModule):
     def __init__(self, cfg: DictConfig, stage: str, text_encoder: bool = True, vae: bool = True):
         """text_encoder / vae=False: T5 / the VAE are not loaded (fit, when caches cover every use)."""
@@ -241,8 +247,7 @@ class MagicMirrorModule(L.LightningModule):
             raise NonFiniteLossError(
                 f"non-finite loss in stage {self.stage!r} at step {self.global_step}: "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                + ". The weights were not updated; the last checkpoint is kept. Lower the learning rate "
-                "(curriculum.stages.<stage>.lr) or use 32-true precision, then `fit ... --resume`."
+                + NOT_UPDATED
             )
         self.log_dict(
             {f"train/{self.stage}/{k}": v for k, v in losses.items()}, prog_bar=False, batch_size=len(batch["caption"])
@@ -281,6 +286,36 @@ class MagicMirrorModule(L.LightningModule):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Logs the gradients' total norm (before clipping), and stops before the weights take a non-finite one:
+        the last checkpoint then holds the weights this step started from. Under DeepSpeed the gradients sit in
+        its partitions (a parameter's .grad is None): DeepSpeed skips such a step itself, counted in
+        train/<stage>/skipped_steps; so does fp16's loss scaler."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            return
+        grads = {n: p.grad for n, p in self.transformer.named_parameters() if p.grad is not None}
+        squared = torch.zeros((), device=self.device)
+        if grads:
+            squared = torch.nn.utils.get_total_norm(list(grads.values())).float().square()
+        if isinstance(strategy, FSDPStrategy):  # each rank holds a shard of the gradients: the same norm on all
+            squared = strategy.reduce(squared, reduce_op="sum")
+        norm = squared.sqrt()
+        self.log(f"train/{self.stage}/grad_norm", norm)
+        if not torch.isfinite(norm) and getattr(self.trainer.precision_plugin, "scaler", None) is None:  # fp16's
+            bad = [name for name, grad in grads.items() if not grad.isfinite().all()]
+            raise NonFiniteLossError(
+                f"non-finite gradients in stage {self.stage!r} at step {self.global_step} (norm {norm.item():.4g}; "
+                f"{len(bad)} tensors, e.g. {', '.join(bad[:3])})" + NOT_UPDATED
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)  # Lightning's DeepSpeedStrategy
+        if engine is not None:
+            self.log(f"train/{self.stage}/skipped_steps", float(engine.skipped_steps))
 
     def on_train_start(self) -> None:
         if getattr(self.trainer.strategy, "zero_stage_3", False):  # Lightning's DeepSpeedStrategy(stage=3)

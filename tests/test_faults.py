@@ -181,3 +181,25 @@ def test_an_error_before_the_first_step_is_not_replaced_by_a_checkpoint_save(tmp
     with pytest.raises(ValueError, match="setup failed"):
         trainer.fit(FailingSetup())
     assert not (tmp_path / "on_exception.ckpt").exists()
+
+
+def test_a_diverged_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    # lr 1e30: the first update makes the weights useless, and the next loss is NaN. No on_exception.ckpt of the
+    # weights that gave it (--resume would start from the newest checkpoint); the periodic ones stay.
+    result = run_cli(
+        tmp_path,
+        "fit",
+        "--experiment",
+        "full",
+        "eval.enabled=false",
+        "curriculum.stages.image_pretrain.max_steps=6",
+        "curriculum.stages.image_pretrain.lr=1e30",
+        "trainer.checkpoint_every_n_steps=1",
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: non-finite loss in stage 'image_pretrain'")
+    assert "Traceback" not in result.stderr
+    stage_dir = next(tmp_path.glob("runs/*/*/checkpoints/image_pretrain"))
+    assert not (stage_dir / "on_exception.ckpt").exists()
+    assert latest_checkpoint(stage_dir) is not None

@@ -1,4 +1,4 @@
-"""Training: the loss falls, checkpoints hold only trained weights, NaN losses stop cleanly,
+"""Training: the loss falls, checkpoints hold only trained weights, NaN losses and gradients stop cleanly,
 the latent cache round-trips and refuses stale settings."""
 
 import lightning as L
@@ -74,6 +74,32 @@ def test_non_finite_loss_stops_with_a_clear_error():
             block.to_v_face.weight.fill_(1.0)
     with pytest.raises(NonFiniteLossError, match="non-finite loss in stage 'image_pretrain'.*--resume"):
         module.training_step(batch, 0)
+
+
+class _PoisonGradientAtStep(L.Callback):
+    """Puts a NaN into one trainable gradient after the backward of optimizer step `step`."""
+
+    def __init__(self, step: int, name: str):
+        self.step, self.name, self.weights_before = step, name, None
+
+    def on_after_backward(self, trainer, module):
+        if trainer.global_step == self.step:
+            param = module.transformer.get_parameter(self.name)
+            self.weights_before = param.detach().clone()
+            param.grad.view(-1)[0] = float("nan")
+
+
+def test_a_non_finite_gradient_stops_before_the_weights_take_it(tmp_path):
+    cfg = load_config("full", overrides=["eval.enabled=false", "curriculum.stages.image_pretrain.max_steps=4"])
+    module = MagicMirrorModule(cfg, stage="image_pretrain")
+    datamodule = build_datamodule(cfg, "image_pretrain", module.transformer.face_encoder.clip_image_size)
+    name = "base.transformer_blocks.0.can.2.weight"
+    poison = _PoisonGradientAtStep(step=2, name=name)
+    trainer = build_trainer(cfg, "image_pretrain", logger=False, callbacks=[poison], run_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite gradients in stage 'image_pretrain' at step 2 .*{name}"):
+        trainer.fit(module, datamodule=datamodule)
+    assert torch.equal(module.transformer.get_parameter(name), poison.weights_before)  # not updated
+    assert torch.isfinite(trainer.callback_metrics["train/image_pretrain/grad_norm"])  # step 1's norm, logged
 
 
 def test_latent_cache_round_trip_and_stale_detection(tmp_path):
