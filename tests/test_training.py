@@ -102,6 +102,29 @@ def test_a_non_finite_gradient_stops_before_the_weights_take_it(tmp_path):
     assert torch.isfinite(trainer.callback_metrics["train/image_pretrain/grad_norm"])  # step 1's norm, logged
 
 
+def test_the_steps_deepspeed_skipped_are_logged():
+    # DeepSpeed skips a step with non-finite gradients itself (they sit in its partitions): fit logs its count.
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class EngineStrategy(SingleDeviceStrategy):  # the attribute Lightning's DeepSpeedStrategy exposes
+        deepspeed_engine = SimpleNamespace(skipped_steps=3)
+
+    cfg = load_config("full", overrides=["eval.enabled=false"])
+    module = MagicMirrorModule(cfg, stage="image_pretrain")
+    datamodule = build_datamodule(cfg, "image_pretrain", module.transformer.face_encoder.clip_image_size)
+    trainer = L.Trainer(
+        max_steps=1,
+        strategy=EngineStrategy(device="cpu"),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.callback_metrics["train/image_pretrain/skipped_steps"] == 3
+
+
 def test_latent_cache_round_trip_and_stale_detection(tmp_path):
     overrides = ["eval.enabled=false", f"data.root={_copy_demo(tmp_path)}"]
     cfg = load_config("full", overrides=overrides)
