@@ -280,8 +280,11 @@ def build_trainer(cfg: DictConfig, stage: str, logger, callbacks: list, run_dir:
     return trainer
 
 
-# The first torch whose compiled CUDA backward of an adapted block has not been seen to give wrong gradients.
-COMPILED_CUDA_TRAINING_FROM = (2, 14)
+def compiled_cuda_gradients_known_wrong() -> bool:
+    """torch before 2.14: its compiled CUDA backward of an adapted block gave wrong gradients (2.11 measured)."""
+    from packaging.version import Version
+
+    return Version(torch.__version__).release[:2] < (2, 14)
 
 
 def refuse_compiled_training_on_cuda(cfg: DictConfig) -> None:
@@ -290,11 +293,8 @@ def refuse_compiled_training_on_cuda(cfg: DictConfig) -> None:
     (CAN's 14-17% off in bf16, far more in fp32; NaN at 5B under DeepSpeed), while eager and CPU compilation
     agree (tests/test_model.py::test_compiled_block_gradients_equal_eager_at_video_length and
     benchmarks/real_scale/compiled_gradients/README.md). Part of it is pytorch/pytorch#193061 (torch 2.10-2.13)."""
-    from packaging.version import Version
-
     on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    version = Version(torch.__version__).release[:2]
-    if cfg.trainer.compile_blocks and on_gpu and version < COMPILED_CUDA_TRAINING_FROM:
+    if cfg.trainer.compile_blocks and on_gpu and compiled_cuda_gradients_known_wrong():
         raise ConfigError(
             f"trainer.compile_blocks=true trains on wrong adapter gradients on CUDA with torch {torch.__version__} "
             "(inductor; see benchmarks/real_scale/compiled_gradients/README.md): use trainer.compile_blocks=false"

@@ -3,11 +3,10 @@
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
-from packaging.version import Version
 
 from mm_lightning.ablation_matrix import load_matrix
 from mm_lightning.config import list_experiments, load_config
-from mm_lightning.curriculum import COMPILED_CUDA_TRAINING_FROM
+from mm_lightning.curriculum import compiled_cuda_gradients_known_wrong
 from mm_lightning.models.loading import MissingWeightsError, check_weight_paths, load_components, write_random_weights
 from mm_lightning.pipeline import build_pipeline
 from mm_lightning.text import identity_token_mask
@@ -276,7 +275,7 @@ def test_attention_with_lse_on_cuda(dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA (Triton) kernels")
 @pytest.mark.xfail(
-    Version(torch.__version__).release[:2] < COMPILED_CUDA_TRAINING_FROM,
+    compiled_cuda_gradients_known_wrong(),
     reason="wrong on torch 2.11 (H100): fit refuses trainer.compile_blocks on GPUs before torch 2.14",
     strict=True,  # passing there means the refusal can go
 )
