@@ -19,7 +19,7 @@ COMMANDS = {
     "score": "score any videos with the paper's metrics (Table-1-style comparison)",
     "prepare": "build a training set (metadata.jsonl) from a folder of raw clips and photos",
     "cache": "precompute VAE latents and T5 prompt embeddings for a dataset",
-    "bench": "time the adapted model against the bare backbone (GPU benchmark)",
+    "bench": "time the adapted model against the bare backbone and ConsisID (GPU benchmark)",
     "bench-metrics": "time the offline metrics on one 49-frame 480x720 video",
     "snapshot": "write a random-weights snapshot of a profile (e.g. CogVideoX-5B) for checks without real weights",
     "sync-run": "push what a tracking-store outage kept in a run folder to the store",

@@ -87,4 +87,8 @@ def test_bench_smoke_runs_on_cpu_and_writes_its_report(tmp_path, capsys):
     report = json.loads((tmp_path / "tiny_video_b1.json").read_text())
     assert report["adapted"]["train_flops"] > report["bare"]["train_flops"] > 0
     assert report["train_ratio"] > 0 and report["infer_cfg_ratio"] > 0
-    assert "adapted / bare" in (tmp_path / "tiny_video_b1.md").read_text()
+    # ConsisID on the same backbone: its face modules (an extractor, cross-attentions) cost FLOPs on top of the bare
+    assert report["consisid"]["train_flops"] > report["bare"]["train_flops"]
+    assert report["adapted_over_consisid"]["train"] > 0 and report["consisid_over_bare"]["infer_cfg"] > 0
+    markdown = (tmp_path / "tiny_video_b1.md").read_text()
+    assert "adapted / bare" in markdown and "| consisid |" in markdown and "adapted / ConsisID" in markdown

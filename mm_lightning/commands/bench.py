@@ -1,13 +1,16 @@
 """python -m mm_lightning bench --profile cogvideox-5b [--stage video|image] [--compile] [--batch-size N]
 
 Times, in one process and on the same shapes, the adapted model (an experiment, default
-`full`) and the bare frozen CogVideoX backbone, both random-init from the profile's
+`full`), the bare frozen CogVideoX backbone and ConsisID's transformer (diffusers'
+`ConsisIDTransformer3DModel` on the same backbone), all random-init from the profile's
 architecture (no weights needed):
-  - a training step: forward + backward (base frozen, gradient checkpointing as configured);
+  - a training step: forward + backward (backbone frozen, the identity modules trained, gradient
+    checkpointing as configured);
   - one inference denoising step with classifier-free guidance (batch doubled, no grad).
 It prints the median step time after warm-up, peak memory, achieved TFLOP/s and MFU against
-a bf16 matmul peak measured in the same run, and the adapted/bare ratios; results go to
-<out-dir>/<profile>_<stage>_b<batch>[_compiled].{json,md}.
+a bf16 matmul peak measured in the same run, and the adapted/bare, ConsisID/bare and
+adapted/ConsisID ratios; results go to <out-dir>/<profile>_<stage>_b<batch>[_compiled].{json,md}.
+ConsisID is built on CogVideoX 1.0's layout: profiles with temporal patches (1.5) time only the other two.
 
 FLOPs are counted by torch.utils.flop_counter on one real eager step of each model, before
 any torch.compile (the counter sees aten ops; compiled kernels would hide them), so they
@@ -24,6 +27,7 @@ inference step (torch.profiler), to see where an adapted/bare gap comes from.
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import platform
 import time
@@ -200,18 +204,9 @@ def setup(args) -> BenchSetup:
     return s
 
 
-def build_base(s: BenchSetup):
+def compile_diffusers_blocks(blocks) -> None:
+    """torch.compile each block of a diffusers CogVideoX-style model, its first block behind `ContiguousInputs`."""
     import torch
-    from diffusers import CogVideoXTransformer3DModel
-
-    with torch.device(s.device):  # random init straight on the GPU
-        return CogVideoXTransformer3DModel.from_config(s.tconf).to(s.dtype).requires_grad_(False)
-
-
-def measure_bare(s: BenchSetup, args) -> dict:
-    """The bare frozen backbone: FLOPs (checked against the analytic count), then timings."""
-    import torch
-    from torch.nn.attention import sdpa_kernel
 
     from mm_lightning.models.magicmirror import compile_blocks
 
@@ -228,6 +223,24 @@ def measure_bare(s: BenchSetup, args) -> dict:
                 return x.clone(memory_format=torch.contiguous_format)
 
             return self.block(standard(hidden_states), standard(encoder_hidden_states), *args, **kwargs)
+
+    compile_blocks(blocks)
+    # diffusers hands block 0 slices of the patch embedding; later blocks get fresh tensors.
+    blocks[0] = ContiguousInputs(blocks[0])
+
+
+def build_base(s: BenchSetup):
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device(s.device):  # random init straight on the GPU
+        return CogVideoXTransformer3DModel.from_config(s.tconf).to(s.dtype).requires_grad_(False)
+
+
+def measure_bare(s: BenchSetup, args) -> dict:
+    """The bare frozen backbone: FLOPs (checked against the analytic count), then timings."""
+    import torch
+    from torch.nn.attention import sdpa_kernel
 
     (lat, text, t), (lat2, text2, t2) = s.train_inputs, s.infer_inputs
     base = build_base(s)
@@ -251,9 +264,7 @@ def measure_bare(s: BenchSetup, args) -> dict:
         flush=True,
     )
     if args.compile:
-        compile_blocks(base.transformer_blocks)
-        # diffusers hands block 0 slices of the patch embedding; later blocks get fresh tensors.
-        base.transformer_blocks[0] = ContiguousInputs(base.transformer_blocks[0])
+        compile_diffusers_blocks(base.transformer_blocks)
     with sdpa_kernel(s.backends):
         row = _measure("bare", bare_train, bare_infer, flops, args, s.peak_tflops, s.device)
     row["analytic_flops"] = analytic
@@ -300,20 +311,126 @@ def measure_adapted(s: BenchSetup, args) -> dict:
         return _measure("adapted", adapted_train, adapted_infer, flops, args, s.peak_tflops, s.device)
 
 
-def report(s: BenchSetup, args, bare: dict, adapted: dict) -> None:
-    """Prints the adapted/bare ratios; writes <out-dir>/<profile>_<stage>_b<batch>[_compiled].{json,md}."""
+def consisid_config(tconf: dict, face_tower_width: int) -> dict:
+    """ConsisID's transformer on the profile's backbone. ConsisID-preview is CogVideoX-5B-I2V (the noisy latents and
+    the reference image's latents joined on channels; learned positional embeddings beside RoPE) plus its face
+    modules, whose sizes are diffusers' defaults. The local facial extractor reads the face tower's width, and its
+    output is the width the cross-attentions' keys take (2/3 of the model width: 2048 at 5B, as ConsisID's)."""
+    from diffusers import ConsisIDTransformer3DModel
+
+    known = inspect.signature(ConsisIDTransformer3DModel.__init__).parameters
+    config = {key: value for key, value in tconf.items() if key in known}
+    width = tconf["num_attention_heads"] * tconf["attention_head_dim"]
+    config.update(
+        in_channels=2 * tconf["in_channels"],
+        out_channels=tconf.get("out_channels") or tconf["in_channels"],
+        use_learned_positional_embeddings=bool(tconf.get("use_rotary_positional_embeddings")),
+        is_train_face=True,
+        LFE_vit_dim=face_tower_width,
+        LFE_output_dim=int(width / 3 * 2),
+    )
+    return config
+
+
+def measure_consisid(s: BenchSetup, args) -> dict | None:
+    """ConsisID (Yuan et al. 2024) timed as the adapted model is: backbone frozen, its identity modules (the local
+    facial extractor and the cross-attentions after every second block) trained. Its face tower, EVA02-CLIP-L/14 at
+    336 px, is stood in by the profile's CLIP ViT-L/14 (the tower MagicMirror's timing runs), whose hidden states
+    after layers 4, 8, 12, 16 and 20 of 24 feed the extractor as EVA-CLIP's do; the ArcFace embedding, computed
+    once per photo by either method, is a random input. None for profiles ConsisID's layout does not cover."""
+    import torch
+    from diffusers import ConsisIDTransformer3DModel
+    from torch.nn.attention import sdpa_kernel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mm_lightning.models.loading import _plain
+
+    if s.tconf.get("patch_size_t"):
+        print("ConsisID: not timed (its transformer has no temporal patches, which this profile uses)", flush=True)
+        return None
+    (lat, text, t), (lat2, text2, t2) = s.train_inputs, s.infer_inputs
+    with torch.device(s.device):
+        tower = CLIPVisionModel(CLIPVisionConfig(**_plain(s.cfg.architecture.image_encoder))).to(s.dtype)
+        config = consisid_config(s.tconf, tower.config.hidden_size)
+        model = ConsisIDTransformer3DModel.from_config(config).to(s.dtype).requires_grad_(False)
+    model.local_facial_extractor.requires_grad_(True)
+    model.perceiver_cross_attention.requires_grad_(True)
+    if s.checkpointing:
+        model.enable_gradient_checkpointing()
+    # The reference image's latents beside the noisy ones (random here, as every input).
+    lat, lat2 = torch.cat([lat, torch.randn_like(lat)], dim=2), torch.cat([lat2, torch.randn_like(lat2)], dim=2)
+    size = tower.config.image_size
+    ref = torch.rand(s.batch, 3, size, size, device=s.device, dtype=s.dtype)
+    id_cond = torch.randn(s.batch, config.get("LFE_id_dim", 1280), device=s.device, dtype=s.dtype)
+
+    @torch.no_grad()
+    def face_features():
+        hidden = tower(ref, output_hidden_states=True).hidden_states  # the embeddings, then one per layer
+        layers = len(hidden) - 1
+        return [hidden[layers * k // 6] for k in range(1, 6)]
+
+    def consisid_train():
+        x = lat.clone().requires_grad_(True)
+        out = model(
+            x, text, t, image_rotary_emb=s.rotary, id_cond=id_cond, id_vit_hidden=face_features(), return_dict=False
+        )[0]
+        out.float().pow(2).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def consisid_infer():  # ConsisID's pipeline gives both guidance halves the face
+        features = [torch.cat([f, f]) for f in face_features()]
+        model(
+            lat2,
+            text2,
+            t2,
+            image_rotary_emb=s.rotary,
+            id_cond=torch.cat([id_cond, id_cond]),
+            id_vit_hidden=features,
+            return_dict=False,
+        )
+
+    flops = {"train": count_flops(consisid_train), "infer_cfg": count_flops(consisid_infer)}
+    if args.compile:
+        compile_diffusers_blocks(model.transformer_blocks)
+    with sdpa_kernel(s.backends):
+        return _measure("consisid", consisid_train, consisid_infer, flops, args, s.peak_tflops, s.device)
+
+
+def _ratios(numerator: dict, denominator: dict) -> dict:
+    return {
+        "train": numerator["train_step_s"] / denominator["train_step_s"],
+        "infer_cfg": numerator["infer_cfg_step_s"] / denominator["infer_cfg_step_s"],
+        "train_flops": numerator["train_flops"] / denominator["train_flops"],
+    }
+
+
+def report(s: BenchSetup, args, bare: dict, adapted: dict, consisid: dict | None) -> None:
+    """Prints the ratios; writes <out-dir>/<profile>_<stage>_b<batch>[_compiled].{json,md}."""
     import diffusers
     import torch
 
+    adapted_bare = _ratios(adapted, bare)
     ratios = {
-        "train_ratio": adapted["train_step_s"] / bare["train_step_s"],
-        "infer_cfg_ratio": adapted["infer_cfg_step_s"] / bare["infer_cfg_step_s"],
-        "train_flops_ratio": adapted["train_flops"] / bare["train_flops"],
+        "train_ratio": adapted_bare["train"],
+        "infer_cfg_ratio": adapted_bare["infer_cfg"],
+        "train_flops_ratio": adapted_bare["train_flops"],
     }
     print(
         f"adapted/bare: training step {ratios['train_ratio']:.3f} (FLOPs {ratios['train_flops_ratio']:.3f}), "
         f"inference step with CFG {ratios['infer_cfg_ratio']:.3f}"
     )
+    if consisid is not None:
+        ratios["consisid_over_bare"] = _ratios(consisid, bare)
+        ratios["adapted_over_consisid"] = _ratios(adapted, consisid)
+        for name, r in (
+            ("ConsisID/bare", ratios["consisid_over_bare"]),
+            ("adapted/ConsisID", ratios["adapted_over_consisid"]),
+        ):
+            print(
+                f"{name}: training step {r['train']:.3f} (FLOPs {r['train_flops']:.3f}), "
+                f"inference step with CFG {r['infer_cfg']:.3f}"
+            )
     bare = dict(bare)
     result = {
         "date": datetime.date.today().isoformat(),
@@ -332,6 +449,7 @@ def report(s: BenchSetup, args, bare: dict, adapted: dict) -> None:
         "analytic_bare_flops": bare.pop("analytic_flops"),
         "bare": bare,
         "adapted": adapted,
+        "consisid": consisid,
         **ratios,
     }
     if args.compile:
@@ -351,10 +469,12 @@ def run(args) -> int:
         print("error: bench needs a CUDA GPU")
         return 2
     s = setup(args)
-    bare = measure_bare(s, args)
-    if s.device.type == "cuda":
-        torch.cuda.empty_cache()  # the bare model is gone with measure_bare: room for the adapted one
-    report(s, args, bare, measure_adapted(s, args))
+    rows = []
+    for measure in (measure_bare, measure_adapted, measure_consisid):  # one model on the GPU at a time
+        rows.append(measure(s, args))
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()  # the model is gone with its measure_*: room for the next one
+    report(s, args, *rows)
     return 0
 
 
@@ -376,8 +496,10 @@ def _markdown(r: dict) -> str:
         "| model | train step (s) | peak (GiB) | train FLOPs | TFLOP/s | MFU | inference+CFG step (s) | MFU |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for key in ("bare", "adapted"):
+    for key in ("bare", "adapted", "consisid"):
         m = r[key]
+        if m is None:
+            continue
         lines.append(
             f"| {key} | {m['train_step_s']:.3f} | {m['train_peak_gib']:.1f} | {m['train_flops']:.3e} | "
             f"{m['train_tflops']:.0f} | {m['train_mfu']:.1%} | {m['infer_cfg_step_s']:.3f} | {m['infer_mfu']:.1%} |"
@@ -387,13 +509,29 @@ def _markdown(r: dict) -> str:
         f"adapted / bare: training step **{r['train_ratio']:.3f}** (FLOPs {r['train_flops_ratio']:.3f}), "
         f"inference step with CFG **{r['infer_cfg_ratio']:.3f}**",
         "",
+    ]
+    if r["consisid"] is not None:
+        for label, key in (("ConsisID / bare", "consisid_over_bare"), ("adapted / ConsisID", "adapted_over_consisid")):
+            x = r[key]
+            lines += [
+                f"{label}: training step **{x['train']:.3f}** (FLOPs {x['train_flops']:.3f}), "
+                f"inference step with CFG **{x['infer_cfg']:.3f}**",
+                "",
+            ]
+        lines += [
+            "ConsisID: diffusers' `ConsisIDTransformer3DModel` on this backbone (latent channels doubled for the "
+            "reference image, learned positional embeddings, its face modules trained, the backbone frozen); its "
+            "EVA-CLIP face tower stood in by the CLIP ViT-L/14 tower that the adapted model runs.",
+            "",
+        ]
+    lines += [
         f"FLOPs from torch.utils.flop_counter on one eager step; bare-model analytic check: training "
         f"{a['train']:.3e}, inference+CFG {a['infer_cfg']:.3e}.",
         "",
     ]
-    for key in ("bare", "adapted"):
+    for key in ("bare", "adapted", "consisid"):
         for kind in ("train", "infer_cfg"):
-            rows = r[key].get(f"kernels_{kind}")
+            rows = (r[key] or {}).get(f"kernels_{kind}")
             if rows:
                 lines += [
                     f"Costliest GPU kernels, {key}, {kind} step ({rows[0]['total_ms']:.0f} ms in all):",
