@@ -10,7 +10,8 @@
 #   bash benchmarks/real_scale.sh multi    # fit's step under MULTI="ddp 1,ddp 2,fsdp 2,deepspeed_stage_2 2"
 #                                          # (4 GPUs: MULTI="deepspeed_stage_3 4,deepspeed_stage_2 4,fsdp 4")
 #   bash benchmarks/real_scale.sh deepspeed # every GPU, ZeRO-2 (ZERO=3: ZeRO-3): fit's video stage + checkpoint + kill
-#                                          # + --resume + evaluation
+#                                          # + --resume + evaluation (PHASE=first|resume: one half, for two calls
+#                                          # on one warm machine when both do not fit one call's 10 minutes)
 #   bash benchmarks/real_scale.sh snapshot # only the snapshot (before running modes side by side, one per GPU)
 # PROFILE=tiny runs the same commands on CPU-sized models (the dry run). Logs and JSON go to $OUT.
 # `python -P`: the installed mm_lightning, not the repository folder's (installing maps callbacks/ and evaluation/
@@ -52,6 +53,19 @@ for f in sorted(run.glob("checkpoints/*/*.ckpt")):
     if f.name == "final.ckpt":
         final = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
         print(f"  {len(final['state_dict'])} tensors, stage {final['mm_stage']}")
+EOF
+}
+
+# What the newest MLflow run logged per step: the loss, and the gradient checks (grad_norm, or under DeepSpeed the
+# steps it skipped for non-finite gradients).
+list_step_metrics() {
+  python - <<'EOF'
+import mlflow
+client = mlflow.MlflowClient()
+run = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time DESC"])[0]
+for key in sorted(k for k in run.data.metrics if k.startswith("train/")):
+    history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+    print(f"{key}: " + ", ".join(f"step {m.step}: {m.value:.4g}" for m in history))
 EOF
 }
 
@@ -149,18 +163,24 @@ deepspeed)
         trainer.devices=${DEVICES:-$(python -c 'import torch; print(torch.cuda.device_count())')}
         curriculum.order=[video_finetune] trainer.checkpoint_every_n_steps=1 trainer.keep_checkpoints=1
         loss.identity_weight=0 eval.max_videos=1 sampling.num_inference_steps=${EVAL_STEPS:-5}"
-  (cd /tmp && exec setsid python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=3) \
-    > "$OUT/zero${ZERO}_fit.log" 2>&1 &
-  pid=$!  # setsid's session: the leader and the ranks it starts
-  # DeepSpeed writes the folder's `latest` file once every shard is saved
-  until ls "$RUNS"/zero$ZERO/*/checkpoints/video_finetune/step=1.ckpt/latest > /dev/null 2>&1 || ! kill -0 $pid 2> /dev/null
-  do sleep 1; done
-  sleep 3
-  kill -9 -- -$pid && echo "=== killed fit's process group $pid after the step-1 checkpoint" | tee -a "$OUT/zero${ZERO}_fit.log"
-  sleep 2
+  if [ "${PHASE:-both}" != resume ]; then
+    (cd /tmp && exec setsid python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=3) \
+      > "$OUT/zero${ZERO}_fit.log" 2>&1 &
+    pid=$!  # setsid's session: the leader and the ranks it starts
+    # DeepSpeed writes the folder's `latest` file once every shard is saved
+    until ls "$RUNS"/zero$ZERO/*/checkpoints/video_finetune/step=1.ckpt/latest > /dev/null 2>&1 || ! kill -0 $pid 2> /dev/null
+    do sleep 1; done
+    sleep 3
+    kill -9 -- -$pid && echo "=== killed fit's process group $pid after the step-1 checkpoint" | tee -a "$OUT/zero${ZERO}_fit.log"
+    sleep 2
+  fi
+  [ "${PHASE:-both}" = first ] && exit 0
   (cd /tmp && python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=2 --resume) 2>&1 | quiet \
     | grep --line-buffered -v "^  " | tee "$OUT/zero${ZERO}_resume.log" || exit 1
   list_checkpoints "$RUNS/zero$ZERO" | tee -a "$OUT/zero${ZERO}_resume.log"
+  echo "DeepSpeed's skip messages in both runs: $(cat "$OUT"/zero${ZERO}_{fit,resume}.log 2> /dev/null | grep -c OVERFLOW)" \
+    | tee -a "$OUT/zero${ZERO}_resume.log"
+  list_step_metrics | tee -a "$OUT/zero${ZERO}_resume.log"
   ;;
 *) echo "usage: $0 snapshot|fit|evalfit|step|sample|optim|generate|multi|deepspeed"; exit 2 ;;
 esac
