@@ -361,7 +361,7 @@ def measure_consisid(s: BenchSetup, args) -> dict | None:
     lat, lat2 = torch.cat([lat, torch.randn_like(lat)], dim=2), torch.cat([lat2, torch.randn_like(lat2)], dim=2)
     size = tower.config.image_size
     ref = torch.rand(s.batch, 3, size, size, device=s.device, dtype=s.dtype)
-    id_cond = torch.randn(s.batch, config.get("LFE_id_dim", 1280), device=s.device, dtype=s.dtype)
+    id_cond = torch.randn(s.batch, model.config.LFE_id_dim, device=s.device, dtype=s.dtype)  # ArcFace + EVA-CLIP
 
     @torch.no_grad()
     def face_features():
