@@ -235,6 +235,17 @@ def build_base(s: BenchSetup):
         return CogVideoXTransformer3DModel.from_config(s.tconf).to(s.dtype).requires_grad_(False)
 
 
+def build_clip_tower(s: BenchSetup):
+    """The profile's CLIP vision tower, random on the device: MagicMirror's face encoder, ConsisID's stand-in."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mm_lightning.models.loading import _plain
+
+    with torch.device(s.device):
+        return CLIPVisionModel(CLIPVisionConfig(**_plain(s.cfg.architecture.image_encoder))).to(s.dtype)
+
+
 def measure_bare(s: BenchSetup, args) -> dict:
     """The bare frozen backbone: FLOPs (checked against the analytic count), then timings."""
     import torch
@@ -273,14 +284,13 @@ def measure_adapted(s: BenchSetup, args) -> dict:
     """The adapted model (the experiment's MagicMirror on the same backbone architecture)."""
     import torch
     from torch.nn.attention import sdpa_kernel
-    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from mm_lightning.models.loading import _plain, build_magicmirror
+    from mm_lightning.models.loading import build_magicmirror
     from mm_lightning.models.magicmirror import compile_blocks
 
     (lat, text, t), (lat2, text2, t2) = s.train_inputs, s.infer_inputs
+    clip = build_clip_tower(s)
     with torch.device(s.device):
-        clip = CLIPVisionModel(CLIPVisionConfig(**_plain(s.cfg.architecture.image_encoder))).to(s.dtype)
         model = build_magicmirror(s.cfg, build_base(s), clip).to(s.dtype)
     model.gradient_checkpointing = s.checkpointing
     size = clip.config.image_size
@@ -339,16 +349,13 @@ def measure_consisid(s: BenchSetup, args) -> dict | None:
     import torch
     from diffusers import ConsisIDTransformer3DModel
     from torch.nn.attention import sdpa_kernel
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from mm_lightning.models.loading import _plain
 
     if s.tconf.get("patch_size_t"):
         print("ConsisID: not timed (its transformer has no temporal patches, which this profile uses)", flush=True)
         return None
     (lat, text, t), (lat2, text2, t2) = s.train_inputs, s.infer_inputs
+    tower = build_clip_tower(s)
     with torch.device(s.device):
-        tower = CLIPVisionModel(CLIPVisionConfig(**_plain(s.cfg.architecture.image_encoder))).to(s.dtype)
         config = consisid_config(s.tconf, tower.config.hidden_size)
         model = ConsisIDTransformer3DModel.from_config(config).to(s.dtype).requires_grad_(False)
     model.local_facial_extractor.requires_grad_(True)
