@@ -156,14 +156,14 @@ deepspeed)
   # stage's weights into final.ckpt and evaluates: one video of EVAL_STEPS sampling steps (under ZeRO-3 with every
   # weight still partitioned). One checkpoint kept: at 5B each folder is 23-24 GiB, and in /dev/shm they share the
   # host's memory with the join of the stage's weights.
-  ZERO=${ZERO:-2}
+  ZERO=${ZERO:-2} PHASE=${PHASE:-both}
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   # From /tmp: Lightning starts the other ranks with `python -m mm_lightning`, without -P (see above).
   ARGS="--profile $PROFILE $(overrides) $EXTRA output_dir=$RUNS/zero$ZERO trainer.strategy=deepspeed_stage_$ZERO
         trainer.devices=${DEVICES:-$(python -c 'import torch; print(torch.cuda.device_count())')}
         curriculum.order=[video_finetune] trainer.checkpoint_every_n_steps=1 trainer.keep_checkpoints=1
         loss.identity_weight=0 eval.max_videos=1 sampling.num_inference_steps=${EVAL_STEPS:-5}"
-  if [ "${PHASE:-both}" != resume ]; then
+  if [ "$PHASE" != resume ]; then
     (cd /tmp && exec setsid python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=3) \
       > "$OUT/zero${ZERO}_fit.log" 2>&1 &
     pid=$!  # setsid's session: the leader and the ranks it starts
@@ -174,11 +174,12 @@ deepspeed)
     kill -9 -- -$pid && echo "=== killed fit's process group $pid after the step-1 checkpoint" | tee -a "$OUT/zero${ZERO}_fit.log"
     sleep 2
   fi
-  [ "${PHASE:-both}" = first ] && exit 0
+  [ "$PHASE" = first ] && exit 0
   (cd /tmp && python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=2 --resume) 2>&1 | quiet \
     | grep --line-buffered -v "^  " | tee "$OUT/zero${ZERO}_resume.log" || exit 1
   list_checkpoints "$RUNS/zero$ZERO" | tee -a "$OUT/zero${ZERO}_resume.log"
-  echo "DeepSpeed's skip messages in both runs: $(cat "$OUT"/zero${ZERO}_{fit,resume}.log 2> /dev/null | grep -c OVERFLOW)" \
+  # PHASE=resume: the first run's log is the earlier call's, not in this $OUT
+  echo "DeepSpeed's skip messages (OVERFLOW) in $OUT's logs: $(cat "$OUT"/zero${ZERO}_{fit,resume}.log 2> /dev/null | grep -c OVERFLOW)" \
     | tee -a "$OUT/zero${ZERO}_resume.log"
   list_step_metrics | tee -a "$OUT/zero${ZERO}_resume.log"
   ;;
