@@ -1,6 +1,7 @@
 """One adapted block against diffusers' bare CogVideoXBlock at CogVideoX-5B shapes (issue 11).
 
-    python benchmarks/block_step.py [--stage image] [--compiled-merge] [--kernels 40] [--ops 40]
+    python benchmarks/block_step.py [--stage image] [--parts] [--eager-kernels] [--compiled-merge]
+                                    [--kernels 40] [--ops 40]
 
 Times a training pass (forward + backward to the block's inputs; the block's own weights frozen, the
 adapter's trained, no gradient checkpointing) and an inference pass at twice the batch (classifier-free
@@ -10,13 +11,18 @@ tokens: 17550 at batch 1 (video, 49x480x720) or 1350 at batch 8 (image, one 480x
 model's (half the 5B blocks are adapted), and shows which kernels it adds:
 --kernels N prints the top N GPU kernels of each block's training pass (torch.profiler).
 --ops N prints the top N operators (by GPU time, grouped by input shapes) of each block's training pass.
---compiled-merge also times the adapted block with `merge_face_keys` under torch.compile (its elementwise
-work fused), to see what fusing the merge alone would buy. Needs a GPU.
+--eager-kernels also times the adapted block with the face-key merge, the modulated norms, and both, in eager
+PyTorch instead of their Triton kernels (`mm_lightning/models/fused_*.py`).
+--compiled-merge also times the adapted block with the eager `merge_face_keys` under torch.compile.
+--parts also times the adapted block with one part of the adapter left out at a time (CAN, the decoupled
+cross-attention, the face-key merge, the whole face stream), to attribute its cost. Needs a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from unittest import mock
 
 import torch
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
@@ -40,8 +46,10 @@ def bare_block() -> CogVideoXBlock:
     return block.to("cuda", torch.bfloat16).requires_grad_(False)
 
 
-def adapted_block() -> adapter.MagicMirrorBlock:
-    block = adapter.MagicMirrorBlock(bare_block(), TIME_DIM, True, True, True, can_hidden_dim=1024).to("cuda")
+def adapted_block(cross_attention=True, face_modality=True, can=True, face_attention="joint"):
+    block = adapter.MagicMirrorBlock(
+        bare_block(), TIME_DIM, cross_attention, face_modality, can, can_hidden_dim=1024, face_attention=face_attention
+    ).to("cuda")
     block.to(torch.bfloat16)
     for name, param in block.named_parameters():  # open the zero-initialised adapter, as after training
         if not name.startswith("block."):
@@ -93,7 +101,9 @@ def print_ops(title: str, fn, n: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=sorted(STAGES), default="video", help="the stage's shapes (default: video)")
-    parser.add_argument("--compiled-merge", action="store_true", help="also time the merge under torch.compile")
+    parser.add_argument("--eager-kernels", action="store_true", help="also time the adapter without its Triton kernels")
+    parser.add_argument("--compiled-merge", action="store_true", help="also time the eager merge under torch.compile")
+    parser.add_argument("--parts", action="store_true", help="also time the adapter with each part left out")
     parser.add_argument("--kernels", type=int, default=0, help="print the top N GPU kernels of each training pass")
     parser.add_argument("--ops", type=int, default=0, help="print the top N operators of each training pass")
     args = parser.parse_args()
@@ -101,20 +111,40 @@ def main() -> None:
     batch, video_tokens = STAGES[args.stage]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.stage} stage, {video_tokens} video tokens")
     variants = [("bare", bare_block(), False), ("adapted", adapted_block(), True)]
-    eager_merge = adapter.merge_face_keys
+    parts = [
+        ("adapted, no CAN", adapted_block(can=False)),
+        ("adapted, no cross-attention", adapted_block(cross_attention=False)),
+        ("adapted, no face-key merge", adapted_block(face_attention="cross_only")),
+        ("adapted, no face stream", adapted_block(face_modality=False)),  # nor its merge
+        ("adapted, no adapter at all", adapted_block(False, False, False)),  # the rewritten forward alone
+    ]
+    variants += [(label, block, True) for label, block in parts] if args.parts else []
+    # The adapted block again with its Triton kernels swapped for eager PyTorch, or the eager merge compiled.
+    swaps = [
+        ("adapted, merge eager", [("_fused_merge", lambda: None)]),
+        ("adapted, norms eager", [("_fused_norms", lambda: None)]),
+        ("adapted, both eager", [("_fused_merge", lambda: None), ("_fused_norms", lambda: None)]),
+    ]
+    swaps = swaps if args.eager_kernels else []
+    if args.compiled_merge:
+        eager_merge = [("_fused_merge", lambda: None)]
+        swaps.append(
+            ("adapted, merge compiled", eager_merge + [("merge_face_keys", torch.compile(adapter.merge_face_keys))])
+        )
     for train, passes in ((True, batch), (False, 2 * batch)):
         what = f"{'training' if train else 'inference'} pass, batch {passes}"
         base = None
         for label, block, adapted in variants:
             ms = 1000 * timed(pass_fn(block, adapted, passes, video_tokens, train), steps=10, warmup=3, device=CUDA)
             base = base or ms
-            print(f"{what}: {label:24s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
-        if args.compiled_merge:
-            adapter.merge_face_keys = torch.compile(eager_merge)
-            one_pass = pass_fn(variants[1][1], True, passes, video_tokens, train)
-            ms = 1000 * timed(one_pass, steps=10, warmup=3, device=CUDA)
-            adapter.merge_face_keys = eager_merge
-            print(f"{what}: {'adapted, merge compiled':24s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
+            print(f"{what}: {label:30s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
+        for label, patches in swaps:
+            with contextlib.ExitStack() as stack:
+                for name, value in patches:
+                    stack.enter_context(mock.patch.object(adapter, name, value))
+                one_pass = pass_fn(variants[1][1], True, passes, video_tokens, train)
+                ms = 1000 * timed(one_pass, steps=10, warmup=3, device=CUDA)
+            print(f"{what}: {label:30s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
     for label, block, adapted in variants if args.kernels or args.ops else ():
         one_pass = pass_fn(block, adapted, batch, video_tokens, train=True)
         if args.kernels:

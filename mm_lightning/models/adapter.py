@@ -38,10 +38,15 @@ only through the cross-attention) for comparison.
 Cost: the cross-attention adds no output projection of its own, and a dropped face (keep = 0) is folded
 into the merge's weight and the cross-attention's values rather than masking whole outputs. The attentions
 over the 32 face keys (or from the 32 face queries) go through PyTorch's SDPA: plain matmuls were no faster
-at video shapes and slower at image shapes (benchmarks/real_scale/h100x1/adapter_ab_*.log).
+at video shapes and slower at image shapes (benchmarks/real_scale/h100x1/adapter_ab_*.log). On CUDA in half
+precision, the face-key merge and the modulated norms run as Triton kernels (fused_face_key_merge.py,
+fused_modulated_norm.py); the eager forms here are what they compute, and what the CPU runs.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
@@ -103,6 +108,52 @@ class SoftmaxWithLogSumExp(torch.autograd.Function):
         return grad.addcmul_(probs, grad_lse.unsqueeze(-1)).to(ctx.scores_dtype)
 
 
+@functools.cache
+def _fused_merge():
+    """The Triton merge's autograd function, or None where Triton is not installed (CPU builds of torch)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from mm_lightning.models.fused_face_key_merge import FusedFaceKeyMerge
+
+    return FusedFaceKeyMerge
+
+
+@functools.cache
+def _fused_norms():
+    """The Triton modulated norms' autograd function, or None where Triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from mm_lightning.models.fused_modulated_norm import FusedModulatedNorms
+
+    return FusedModulatedNorms
+
+
+def _fusable(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these: CUDA, one half-precision dtype, and no torch.compile tracing."""
+    dtype = tensors[0].dtype
+    return (
+        tensors[0].is_cuda
+        and dtype in (torch.float16, torch.bfloat16)
+        and all(t.dtype == dtype for t in tensors)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def modulated_norms(norm: nn.LayerNorm, *streams: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """norm(x) * (1 + scale) + shift for each stream (x [B, S_i, D], scale and shift [B, 1, D]), joined along
+    the tokens: [B, sum S_i, D]. On CUDA in half precision, two Triton kernels (forward, backward) with the
+    scale's and shift's gradients summed inside (CAN trains them) and no concatenation afterwards."""
+    fused = _fused_norms()
+    flat = [t for stream in streams for t in stream]
+    frozen_affine = norm.weight is None and norm.bias is None
+    if norm.weight is not None and norm.bias is not None:
+        frozen_affine = not (norm.weight.requires_grad or norm.bias.requires_grad)  # a trained backbone: eager
+    if fused is not None and frozen_affine and _fusable(*flat):
+        return fused.apply(norm.weight, norm.bias, norm.eps, *flat)
+    normed = [norm(x) * (1 + scale) + shift for x, scale, shift in streams]
+    return normed[0] if len(normed) == 1 else torch.cat(normed, dim=1)
+
+
 def merge_face_keys(
     out_base: torch.Tensor,  # [B, H, S, d] attention over the base keys
     lse_base: torch.Tensor,  # [B, H, S]
@@ -113,7 +164,12 @@ def merge_face_keys(
     keep: torch.Tensor | None = None,  # [B, 1, 1, 1]: 0 where a sample's face is dropped
 ) -> torch.Tensor:
     """softmax([s_base, s_face + log gate]) [V_base; V_face], from the base attention's output and
-    log-sum-exp; exactly out_base where gate == 0 or keep == 0 (see the module docstring)."""
+    log-sum-exp; exactly out_base where gate == 0 or keep == 0 (see the module docstring).
+    On CUDA in half precision it runs as two fused Triton kernels, unless deterministic algorithms are asked
+    for (their backward sums the face keys' gradients with atomic adds) or torch.compile traces it."""
+    fused = _fused_merge()
+    if fused is not None and _fusable(q, out_base, k_face, v_face) and not torch.are_deterministic_algorithms_enabled():
+        return fused.apply(out_base, lse_base, q, k_face, v_face, gate, keep)
     # Few passes over the [B, H, S, Nf] scores: they are the merge's main cost in eager mode (S is ~17.5K at 5B).
     scores = q @ (k_face * q.shape[-1] ** -0.5).transpose(-1, -2)  # [B, H, S, Nf] in q's dtype: few face keys
     probs, lse_face = SoftmaxWithLogSumExp.apply(scores)  # fp32 at least: [B, H, S, Nf], [B, H, S]
@@ -188,14 +244,14 @@ class MagicMirrorBlock(nn.Module):
         q, k, v = self._heads(attn.to_q(x)), self._heads(attn.to_k(x)), self._heads(attn.to_v(x))
         return attn.norm_q(q), attn.norm_k(k), v
 
-    def attention(self, video, text, face_stream, face_tokens, image_rotary_emb, keep_face=None):
-        """Joint attention of the block (as diffusers' CogVideoXAttnProcessor2_0 computes it),
-        plus the decoupled face cross-attention and the face stream's own queries.
-        keep_face [B, 1, 1, 1] (1 kept, 0 dropped) masks what text and video read from the face, per sample.
-        Returns the attention outputs of (video [B, N, D], text [B, L, D], face stream [B, Nf, D] or None)."""
+    def attention(self, joint, text_len, face_stream, face_tokens, image_rotary_emb, keep_face=None):
+        """Joint attention of the block over joint = [text, video] [B, L+N, D] (as diffusers'
+        CogVideoXAttnProcessor2_0 computes it), plus the decoupled face cross-attention and the face stream's
+        own queries. keep_face [B, 1, 1, 1] (1 kept, 0 dropped) masks what text and video read from the face,
+        per sample. Returns the attention outputs of (video [B, N, D], text [B, L, D], face stream [B, Nf, D]
+        or None)."""
         attn = self.block.attn1
-        text_len = text.shape[1]
-        q, k, v = self._qkv(torch.cat([text, video], dim=1))  # [B, H, L+N, D/H]
+        q, k, v = self._qkv(joint)  # [B, H, L+N, D/H]
         q_joint = q
         if image_rotary_emb is not None:
             # RoPE on the video tokens. k in place, as diffusers does. q stays unrotated for the cross-attention:
@@ -265,18 +321,17 @@ class MagicMirrorBlock(nn.Module):
 
         use_stream = self.face_modulation is not None and face_tokens is not None
         norm = block.norm1.norm
-        norm_video = norm(hidden_states) * (1 + scale) + shift
-        norm_text = norm(encoder_hidden_states) * (1 + enc_scale) + enc_shift
+        joint = modulated_norms(norm, (encoder_hidden_states, enc_scale, enc_shift), (hidden_states, scale, shift))
         norm_face = None
         if use_stream:
             f_shift, f_scale, f_gate, f_ff_shift, f_ff_scale, f_ff_gate = (
                 self.face_modulation(temb).unsqueeze(1).chunk(6, dim=-1)
             )
-            norm_face = norm(face_tokens) * (1 + f_scale) + f_shift
+            norm_face = modulated_norms(norm, (face_tokens, f_scale, f_shift))
 
-        keep_face = None if keep is None else keep[:, 0].to(norm_video.dtype).view(-1, 1, 1, 1)
+        keep_face = None if keep is None else keep[:, 0].to(joint.dtype).view(-1, 1, 1, 1)
         attn_video, attn_text, attn_face = self.attention(
-            norm_video, norm_text, norm_face, face_tokens, image_rotary_emb, keep_face
+            joint, text_len, norm_face, face_tokens, image_rotary_emb, keep_face
         )
         hidden_states = hidden_states + gate * attn_video
         encoder_hidden_states = encoder_hidden_states + enc_gate * attn_text
@@ -285,10 +340,10 @@ class MagicMirrorBlock(nn.Module):
 
         shift, scale, gate, enc_shift, enc_scale, enc_gate = mod_ff.unsqueeze(1).chunk(6, dim=-1)
         norm = block.norm2.norm
-        ff_in = [norm(encoder_hidden_states) * (1 + enc_scale) + enc_shift, norm(hidden_states) * (1 + scale) + shift]
+        ff_in = [(encoder_hidden_states, enc_scale, enc_shift), (hidden_states, scale, shift)]
         if use_stream:
-            ff_in.append(norm(face_tokens) * (1 + f_ff_scale) + f_ff_shift)
-        ff_out = block.ff(torch.cat(ff_in, dim=1))  # one feed-forward call over [text, video, face]
+            ff_in.append((face_tokens, f_ff_scale, f_ff_shift))
+        ff_out = block.ff(modulated_norms(norm, *ff_in))  # one feed-forward call over [text, video, face]
         video_len = hidden_states.shape[1]
         hidden_states = hidden_states + gate * ff_out[:, text_len : text_len + video_len]
         encoder_hidden_states = encoder_hidden_states + enc_gate * ff_out[:, :text_len]

@@ -1,0 +1,327 @@
+"""`merge_face_keys` as two Triton kernels (forward, backward) for CUDA: MagicMirror's face-key merge, fused.
+
+Hand-written because the merge is MagicMirror's own (see `adapter.merge_face_keys` for the math). Eager PyTorch
+runs it as ~10 kernels forward and ~20 backward over [B, H, S, Nf] and [B, H, S, d] tensors. At the image
+stage's shapes that was 2 ms of a 27 ms adapted-block training pass, the largest part of the adapter's cost
+(`benchmarks/real_scale/h100x1/block_step_image_parts*.log`). torch.compile would fuse it, but its CUDA
+gradients for this block are wrong on torch 2.11 (`benchmarks/real_scale/compiled_gradients/`).
+
+Each program takes BLOCK_M queries of one (batch, head): the face scores [BLOCK_M, Nf], their softmax and
+log-sum-exp, the face output and the merge weight stay in registers. Forward reads q and out_base and writes
+the merged output; backward recomputes those and writes the gradients of q and out_base, and adds the face
+keys', face values' and gate's into fp32 buffers. Only imported where Triton is (the GPU image's torch ships it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 64
+
+
+@triton.jit
+def _face_attention(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lse_b_ptr,
+    gate_ptr,
+    keep_ptr,
+    b,
+    h,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_q,
+    stride_kv,
+    S,
+    NF,
+    D,
+    scale,
+):
+    """Recomputed by both kernels: q [M, D], k [N, D], v [N, D], probs [M, N], the face output [M, D] (fp32),
+    the merge weight before keep w0 [M], keep (a scalar), e^(d - m) and e^(-m) [M] (for the gate's gradient)."""
+    mask_m, mask_n, mask_d = offs_m < S, offs_n < NF, offs_d < D
+    q = tl.load(q_ptr + offs_m[:, None] * stride_q + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    kv_offsets = offs_n[:, None] * stride_kv + offs_d[None, :]
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    scores = tl.dot(q, tl.trans(k)) * scale  # [M, N] fp32
+    scores = tl.where(mask_n[None, :], scores, float("-inf"))
+    row_max = tl.max(scores, axis=1)
+    exp_scores = tl.exp(scores - row_max[:, None])
+    row_sum = tl.sum(exp_scores, axis=1)
+    probs = exp_scores / row_sum[:, None]
+    lse_face = row_max + tl.log(row_sum)
+    out_face = tl.dot(probs.to(v.dtype), v)  # [M, D] fp32
+    lse_base = tl.load(lse_b_ptr + offs_m, mask=mask_m, other=0.0)
+    # w0 = g e^d / (1 + g e^d), d = lse_f - lse_b, with m = max(d, 0) so nothing overflows (as the eager merge).
+    d = lse_face - lse_base
+    m = tl.maximum(d, 0.0)
+    gate = tl.load(gate_ptr + h).to(tl.float32)
+    exp_d = tl.exp(d - m)
+    exp_neg_m = tl.exp(-m)
+    scaled = gate * exp_d
+    w0 = scaled / (exp_neg_m + scaled)
+    keep = tl.load(keep_ptr + b).to(tl.float32)
+    return q, k, v, probs, out_face, w0, keep, exp_d, exp_neg_m, gate
+
+
+@triton.jit
+def _merge_forward(
+    out_ptr,
+    out_base_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lse_b_ptr,
+    gate_ptr,
+    keep_ptr,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_bb,
+    stride_bh,
+    stride_bs,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    H,
+    S,
+    NF,
+    D,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    q_at = q_ptr + b * stride_qb + h * stride_qh
+    k_at, v_at = k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_kb + h * stride_kh
+    lse_at = lse_b_ptr + pid_bh * S
+    _, _, _, _, out_face, w0, keep, _, _, _ = _face_attention(
+        q_at,
+        k_at,
+        v_at,
+        lse_at,
+        gate_ptr,
+        keep_ptr,
+        b,
+        h,
+        offs_m,
+        offs_n,
+        offs_d,
+        stride_qs,
+        stride_ks,
+        S,
+        NF,
+        D,
+        scale,
+    )
+    w = w0 * keep
+    mask = (offs_m < S)[:, None] & (offs_d < D)[None, :]
+    base_at = out_base_ptr + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bs + offs_d[None, :]
+    out_base = tl.load(base_at, mask=mask, other=0.0).to(tl.float32)
+    out = out_base + w[:, None] * (out_face - out_base)  # exactly out_base where w == 0
+    out_at = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _merge_backward(
+    grad_out_ptr,
+    grad_base_ptr,
+    grad_q_ptr,
+    grad_k_ptr,
+    grad_v_ptr,
+    grad_gate_ptr,
+    out_base_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lse_b_ptr,
+    gate_ptr,
+    keep_ptr,
+    stride_gb,
+    stride_gh,
+    stride_gs,
+    stride_bb,
+    stride_bh,
+    stride_bs,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    H,
+    S,
+    NF,
+    D,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    mask_m, mask_n, mask_d = offs_m < S, offs_n < NF, offs_d < D
+    mask = mask_m[:, None] & mask_d[None, :]
+    q_at = q_ptr + b * stride_qb + h * stride_qh
+    k_at, v_at = k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_kb + h * stride_kh
+    q, k, v, probs, out_face, w0, keep, exp_d, exp_neg_m, gate = _face_attention(
+        q_at,
+        k_at,
+        v_at,
+        lse_b_ptr + pid_bh * S,
+        gate_ptr,
+        keep_ptr,
+        b,
+        h,
+        offs_m,
+        offs_n,
+        offs_d,
+        stride_qs,
+        stride_ks,
+        S,
+        NF,
+        D,
+        scale,
+    )
+    w = w0 * keep
+    rows = offs_m[:, None] * stride_bs + offs_d[None, :]
+    base_offsets = b * stride_bb + h * stride_bh + rows
+    out_base = tl.load(out_base_ptr + base_offsets, mask=mask, other=0.0).to(tl.float32)
+    grad_at = grad_out_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :]
+    grad = tl.load(grad_at, mask=mask, other=0.0).to(tl.float32)  # [M, D]
+    # out = out_base + w (out_face - out_base)
+    tl.store(grad_base_ptr + base_offsets, (grad * (1.0 - w[:, None])).to(grad_base_ptr.dtype.element_ty), mask=mask)
+    grad_w = tl.sum(grad * (out_face - out_base), axis=1)  # [M]
+    grad_face = (grad * w[:, None]).to(v.dtype)  # d out / d out_face, in v's dtype as the eager matmul
+    # w = keep w0: d w0 / d lse_f = w0 (1 - w0); d w0 / d g = e^d (1 - w0)^2 = e^(d-m) (1 - w0) / (e^-m + g e^(d-m)).
+    grad_lse = grad_w * keep * w0 * (1.0 - w0)
+    grad_g = grad_w * keep * exp_d * (1.0 - w0) / (exp_neg_m + gate * exp_d)
+    tl.atomic_add(grad_gate_ptr + h, tl.sum(tl.where(mask_m, grad_g, 0.0), axis=0))
+    # softmax and log-sum-exp: d scores = probs (d probs - <probs, d probs>) + probs d lse
+    grad_probs = tl.dot(grad_face, tl.trans(v))  # [M, N]
+    grad_scores = probs * (grad_probs - tl.sum(probs * grad_probs, axis=1)[:, None] + grad_lse[:, None])
+    grad_scores = tl.where(mask_m[:, None] & mask_n[None, :], grad_scores, 0.0).to(q.dtype)
+    grad_q = tl.dot(grad_scores, k) * scale  # [M, D]
+    tl.store(grad_q_ptr + pid_bh * S * D + offs_m[:, None] * D + offs_d[None, :], grad_q, mask=mask)
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    kv_offsets = pid_bh * NF * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.atomic_add(grad_k_ptr + kv_offsets, tl.dot(tl.trans(grad_scores), q) * scale, mask=kv_mask)
+    weighted_probs = tl.where(mask_m[:, None], probs * w[:, None], 0.0).to(v.dtype)
+    tl.atomic_add(grad_v_ptr + kv_offsets, tl.dot(tl.trans(weighted_probs), grad.to(v.dtype)), mask=kv_mask)
+
+
+def _blocks(nf: int, d: int) -> dict:
+    return {
+        "BLOCK_M": BLOCK_M,
+        "BLOCK_N": max(16, triton.next_power_of_2(nf)),
+        "BLOCK_D": max(16, triton.next_power_of_2(d)),
+    }
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class FusedFaceKeyMerge(torch.autograd.Function):
+    """merge_face_keys(out_base, lse_base, q, k_face, v_face, gate, keep) on CUDA; the same gradients as the
+    eager merge (none through lse_base, whose kernels do not differentiate it; none for keep)."""
+
+    @staticmethod
+    def forward(ctx, out_base, lse_base, q, k_face, v_face, gate, keep):
+        B, H, S, D = q.shape
+        NF = k_face.shape[2]
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        k_face, v_face = k_face.contiguous(), v_face.contiguous()  # [B, H, Nf, d], few: one set of strides for both
+        out_base = out_base if out_base.stride(-1) == 1 else out_base.contiguous()
+        lse_base = lse_base.detach().float().contiguous()  # [B, H, S]
+        gate_dtype, gate = gate.dtype, gate.detach().float().contiguous()
+        keep = torch.ones(B, device=q.device) if keep is None else keep.detach().float().reshape(B).contiguous()
+        out = torch.empty_like(out_base)
+        grid = (triton.cdiv(S, BLOCK_M), B * H)
+        _merge_forward[grid](
+            out,
+            out_base,
+            q,
+            k_face,
+            v_face,
+            lse_base,
+            gate,
+            keep,
+            *_strides(out),
+            *_strides(out_base),
+            *_strides(q),
+            *_strides(k_face),
+            H,
+            S,
+            NF,
+            D,
+            D**-0.5,
+            **_blocks(NF, D),
+        )
+        ctx.save_for_backward(out_base, lse_base, q, k_face, v_face, gate, keep)
+        ctx.gate_dtype = gate_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out_base, lse_base, q, k_face, v_face, gate, keep = ctx.saved_tensors
+        B, H, S, D = q.shape
+        NF = k_face.shape[2]
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        grad_base = torch.empty_like(out_base)  # out_base's strides, which the kernel indexes it with
+        assert grad_base.stride() == out_base.stride()
+        grad_q = torch.empty(B, H, S, D, device=q.device, dtype=q.dtype)
+        grad_k = torch.zeros(B, H, NF, D, device=q.device, dtype=torch.float32)
+        grad_v = torch.zeros_like(grad_k)
+        grad_gate = torch.zeros(H, device=q.device, dtype=torch.float32)
+        grid = (triton.cdiv(S, BLOCK_M), B * H)
+        _merge_backward[grid](
+            grad_out,
+            grad_base,
+            grad_q,
+            grad_k,
+            grad_v,
+            grad_gate,
+            out_base,
+            q,
+            k_face,
+            v_face,
+            lse_base,
+            gate,
+            keep,
+            *_strides(grad_out),
+            *_strides(out_base),
+            *_strides(q),
+            *_strides(k_face),
+            H,
+            S,
+            NF,
+            D,
+            D**-0.5,
+            **_blocks(NF, D),
+        )
+        return (
+            grad_base,
+            None,
+            grad_q,
+            grad_k.to(k_face.dtype),
+            grad_v.to(v_face.dtype),
+            grad_gate.to(ctx.gate_dtype),
+            None,
+        )
