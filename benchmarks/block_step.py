@@ -21,7 +21,6 @@ cross-attention, the face-key merge, the whole face stream), to attribute its co
 from __future__ import annotations
 
 import argparse
-import contextlib
 from unittest import mock
 
 import torch
@@ -121,16 +120,14 @@ def main() -> None:
     variants += [(label, block, True) for label, block in parts] if args.parts else []
     # The adapted block again with its Triton kernels swapped for eager PyTorch, or the eager merge compiled.
     swaps = [
-        ("adapted, merge eager", [("_fused_merge", lambda: None)]),
-        ("adapted, norms eager", [("_fused_norms", lambda: None)]),
-        ("adapted, both eager", [("_fused_merge", lambda: None), ("_fused_norms", lambda: None)]),
+        ("adapted, merge eager", lambda: mock.patch.object(adapter, "_fused_merge", lambda: None)),
+        ("adapted, norms eager", lambda: mock.patch.object(adapter, "_fused_norms", lambda: None)),
+        ("adapted, both eager", adapter.eager_forms),
     ]
     swaps = swaps if args.eager_kernels else []
     if args.compiled_merge:
-        eager_merge = [("_fused_merge", lambda: None)]
-        swaps.append(
-            ("adapted, merge compiled", eager_merge + [("merge_face_keys", torch.compile(adapter.merge_face_keys))])
-        )
+        compiled = torch.compile(adapter.merge_face_keys)  # traces the eager form
+        swaps.append(("adapted, merge compiled", lambda: mock.patch.object(adapter, "merge_face_keys", compiled)))
     for train, passes in ((True, batch), (False, 2 * batch)):
         what = f"{'training' if train else 'inference'} pass, batch {passes}"
         base = None
@@ -138,10 +135,8 @@ def main() -> None:
             ms = 1000 * timed(pass_fn(block, adapted, passes, video_tokens, train), steps=10, warmup=3, device=CUDA)
             base = base or ms
             print(f"{what}: {label:30s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)
-        for label, patches in swaps:
-            with contextlib.ExitStack() as stack:
-                for name, value in patches:
-                    stack.enter_context(mock.patch.object(adapter, name, value))
+        for label, swapped in swaps:
+            with swapped():
                 one_pass = pass_fn(variants[1][1], True, passes, video_tokens, train)
                 ms = 1000 * timed(one_pass, steps=10, warmup=3, device=CUDA)
             print(f"{what}: {label:30s} {ms:8.2f} ms  x{ms / base:.4f}", flush=True)

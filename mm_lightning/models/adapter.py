@@ -45,6 +45,7 @@ fused_modulated_norm.py); the eager forms here are what they compute, and what t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 
@@ -128,11 +129,27 @@ def _fused_norms():
     return FusedModulatedNorms
 
 
+_eager_forms = False
+
+
+@contextlib.contextmanager
+def eager_forms():
+    """Run the adapter's eager PyTorch forms instead of its Triton kernels, e.g. to count FLOPs
+    (torch.utils.flop_counter sees no Triton kernel)."""
+    global _eager_forms
+    previous, _eager_forms = _eager_forms, True
+    try:
+        yield
+    finally:
+        _eager_forms = previous
+
+
 def _fusable(*tensors: torch.Tensor) -> bool:
     """Whether the Triton kernels take these: CUDA, one half-precision dtype, and no torch.compile tracing."""
     dtype = tensors[0].dtype
     return (
-        tensors[0].is_cuda
+        not _eager_forms
+        and tensors[0].is_cuda
         and dtype in (torch.float16, torch.bfloat16)
         and all(t.dtype == dtype for t in tensors)
         and not torch.compiler.is_compiling()
