@@ -21,32 +21,27 @@ import triton.language as tl
 BLOCK_M = 64
 
 
+# fmt: off
 @triton.jit
-def _face_attention(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    lse_b_ptr,
-    gate_ptr,
-    keep_ptr,
-    b,
-    h,
-    offs_m,
-    offs_n,
-    offs_d,
-    stride_q,
-    stride_kv,
-    S,
-    NF,
-    D,
-    scale,
+def _recompute(
+    out_base_ptr, q_ptr, k_ptr, v_ptr, lse_b_ptr, gate_ptr, keep_ptr,
+    stride_rb, stride_rh, stride_rs, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    H, S, NF, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Recomputed by both kernels: q [M, D], k [N, D], v [N, D], probs [M, N], the face output [M, D] (fp32),
-    the merge weight before keep w0 [M], keep (a scalar), e^(d - m) and e^(-m) [M] (for the gate's gradient)."""
-    mask_m, mask_n, mask_d = offs_m < S, offs_n < NF, offs_d < D
-    q = tl.load(q_ptr + offs_m[:, None] * stride_q + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    kv_offsets = offs_n[:, None] * stride_kv + offs_d[None, :]
-    kv_mask = mask_n[:, None] & mask_d[None, :]
+    """What both kernels compute for their program's BLOCK_M queries of one (batch, head): the offsets of its rows
+    in out_base's layout, q [M, D], the face keys and values [N, D], probs [M, N], out_base and the face output
+    [M, D] (fp32), the merge weight before keep w0 [M], keep, the gate, and e^(d - m), e^(-m) [M] (for the gate's
+    gradient)."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    mask_m, mask_n = offs_m < S, offs_n < NF
+    mask = mask_m[:, None] & (offs_d < D)[None, :]
+    q_offsets = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=mask, other=0.0)
+    kv_offsets = b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    kv_mask = mask_n[:, None] & (offs_d < D)[None, :]
     k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
     scores = tl.dot(q, tl.trans(k)) * scale  # [M, N] fp32
@@ -57,156 +52,54 @@ def _face_attention(
     probs = exp_scores / row_sum[:, None]
     lse_face = row_max + tl.log(row_sum)
     out_face = tl.dot(probs.to(v.dtype), v)  # [M, D] fp32
-    lse_base = tl.load(lse_b_ptr + offs_m, mask=mask_m, other=0.0)
+    row_offsets = b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rs + offs_d[None, :]
+    out_base = tl.load(out_base_ptr + row_offsets, mask=mask, other=0.0).to(tl.float32)
+    lse_base = tl.load(lse_b_ptr + pid_bh * S + offs_m, mask=mask_m, other=0.0)
     # w0 = g e^d / (1 + g e^d), d = lse_f - lse_b, with m = max(d, 0) so nothing overflows (as the eager merge).
     d = lse_face - lse_base
     m = tl.maximum(d, 0.0)
     gate = tl.load(gate_ptr + h).to(tl.float32)
     exp_d = tl.exp(d - m)
     exp_neg_m = tl.exp(-m)
-    scaled = gate * exp_d
-    w0 = scaled / (exp_neg_m + scaled)
+    w0 = gate * exp_d / (exp_neg_m + gate * exp_d)
     keep = tl.load(keep_ptr + b).to(tl.float32)
-    return q, k, v, probs, out_face, w0, keep, exp_d, exp_neg_m, gate
+    return (h, mask_m, mask_n, mask, row_offsets, q_offsets, kv_offsets, kv_mask,
+            q, k, v, probs, out_base, out_face, w0, keep, gate, exp_d, exp_neg_m)
 
 
 @triton.jit
 def _merge_forward(
-    out_ptr,
-    out_base_ptr,
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    lse_b_ptr,
-    gate_ptr,
-    keep_ptr,
-    stride_ob,
-    stride_oh,
-    stride_os,
-    stride_bb,
-    stride_bh,
-    stride_bs,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    H,
-    S,
-    NF,
-    D,
-    scale,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    out_ptr, out_base_ptr, q_ptr, k_ptr, v_ptr, lse_b_ptr, gate_ptr, keep_ptr,
+    stride_rb, stride_rh, stride_rs, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    H, S, NF, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    q_at = q_ptr + b * stride_qb + h * stride_qh
-    k_at, v_at = k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_kb + h * stride_kh
-    lse_at = lse_b_ptr + pid_bh * S
-    _, _, _, _, out_face, w0, keep, _, _, _ = _face_attention(
-        q_at,
-        k_at,
-        v_at,
-        lse_at,
-        gate_ptr,
-        keep_ptr,
-        b,
-        h,
-        offs_m,
-        offs_n,
-        offs_d,
-        stride_qs,
-        stride_ks,
-        S,
-        NF,
-        D,
-        scale,
+    _, _, _, mask, row_offsets, _, _, _, _, _, _, _, out_base, out_face, w0, keep, _, _, _ = _recompute(
+        out_base_ptr, q_ptr, k_ptr, v_ptr, lse_b_ptr, gate_ptr, keep_ptr,
+        stride_rb, stride_rh, stride_rs, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+        H, S, NF, D, scale, BLOCK_M, BLOCK_N, BLOCK_D,
     )
-    w = w0 * keep
-    mask = (offs_m < S)[:, None] & (offs_d < D)[None, :]
-    base_at = out_base_ptr + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bs + offs_d[None, :]
-    out_base = tl.load(base_at, mask=mask, other=0.0).to(tl.float32)
-    out = out_base + w[:, None] * (out_face - out_base)  # exactly out_base where w == 0
-    out_at = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=mask)
+    out = out_base + (w0 * keep)[:, None] * (out_face - out_base)  # exactly out_base where w == 0
+    tl.store(out_ptr + row_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _merge_backward(
-    grad_out_ptr,
-    grad_base_ptr,
-    grad_q_ptr,
-    grad_k_ptr,
-    grad_v_ptr,
-    grad_gate_ptr,
-    out_base_ptr,
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    lse_b_ptr,
-    gate_ptr,
-    keep_ptr,
-    stride_gb,
-    stride_gh,
-    stride_gs,
-    stride_bb,
-    stride_bh,
-    stride_bs,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    H,
-    S,
-    NF,
-    D,
-    scale,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    grad_out_ptr, grad_base_ptr, grad_q_ptr, grad_k_ptr, grad_v_ptr, grad_gate_ptr,
+    out_base_ptr, q_ptr, k_ptr, v_ptr, lse_b_ptr, gate_ptr, keep_ptr,
+    stride_rb, stride_rh, stride_rs, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    H, S, NF, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    mask_m, mask_n, mask_d = offs_m < S, offs_n < NF, offs_d < D
-    mask = mask_m[:, None] & mask_d[None, :]
-    q_at = q_ptr + b * stride_qb + h * stride_qh
-    k_at, v_at = k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_kb + h * stride_kh
-    q, k, v, probs, out_face, w0, keep, exp_d, exp_neg_m, gate = _face_attention(
-        q_at,
-        k_at,
-        v_at,
-        lse_b_ptr + pid_bh * S,
-        gate_ptr,
-        keep_ptr,
-        b,
-        h,
-        offs_m,
-        offs_n,
-        offs_d,
-        stride_qs,
-        stride_ks,
-        S,
-        NF,
-        D,
-        scale,
+    (h, mask_m, mask_n, mask, row_offsets, q_offsets, kv_offsets, kv_mask,
+     q, k, v, probs, out_base, out_face, w0, keep, gate, exp_d, exp_neg_m) = _recompute(
+        out_base_ptr, q_ptr, k_ptr, v_ptr, lse_b_ptr, gate_ptr, keep_ptr,
+        stride_rb, stride_rh, stride_rs, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+        H, S, NF, D, scale, BLOCK_M, BLOCK_N, BLOCK_D,
     )
+    # fmt: on
     w = w0 * keep
-    rows = offs_m[:, None] * stride_bs + offs_d[None, :]
-    base_offsets = b * stride_bb + h * stride_bh + rows
-    out_base = tl.load(out_base_ptr + base_offsets, mask=mask, other=0.0).to(tl.float32)
-    grad_at = grad_out_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :]
-    grad = tl.load(grad_at, mask=mask, other=0.0).to(tl.float32)  # [M, D]
+    grad = tl.load(grad_out_ptr + row_offsets, mask=mask, other=0.0).to(tl.float32)  # [M, D]
     # out = out_base + w (out_face - out_base)
-    tl.store(grad_base_ptr + base_offsets, (grad * (1.0 - w[:, None])).to(grad_base_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_base_ptr + row_offsets, (grad * (1.0 - w[:, None])).to(grad_base_ptr.dtype.element_ty), mask=mask)
     grad_w = tl.sum(grad * (out_face - out_base), axis=1)  # [M]
     grad_face = (grad * w[:, None]).to(v.dtype)  # d out / d out_face, in v's dtype as the eager matmul
     # w = keep w0: d w0 / d lse_f = w0 (1 - w0); d w0 / d g = e^d (1 - w0)^2 = e^(d-m) (1 - w0) / (e^-m + g e^(d-m)).
@@ -218,24 +111,36 @@ def _merge_backward(
     grad_scores = probs * (grad_probs - tl.sum(probs * grad_probs, axis=1)[:, None] + grad_lse[:, None])
     grad_scores = tl.where(mask_m[:, None] & mask_n[None, :], grad_scores, 0.0).to(q.dtype)
     grad_q = tl.dot(grad_scores, k) * scale  # [M, D]
-    tl.store(grad_q_ptr + pid_bh * S * D + offs_m[:, None] * D + offs_d[None, :], grad_q, mask=mask)
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    kv_offsets = pid_bh * NF * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(grad_q_ptr + q_offsets, grad_q.to(grad_q_ptr.dtype.element_ty), mask=mask)
     tl.atomic_add(grad_k_ptr + kv_offsets, tl.dot(tl.trans(grad_scores), q) * scale, mask=kv_mask)
     weighted_probs = tl.where(mask_m[:, None], probs * w[:, None], 0.0).to(v.dtype)
     tl.atomic_add(grad_v_ptr + kv_offsets, tl.dot(tl.trans(weighted_probs), grad.to(v.dtype)), mask=kv_mask)
 
 
-def _blocks(nf: int, d: int) -> dict:
-    return {
-        "BLOCK_M": BLOCK_M,
-        "BLOCK_N": max(16, triton.next_power_of_2(nf)),
-        "BLOCK_D": max(16, triton.next_power_of_2(d)),
-    }
+def _launch(kernel, *pointers, out_base, q, k_face):
+    """One program per BLOCK_M queries of one (batch, head). The tensors indexed like out_base share its
+    strides, those like q share q's and those like k_face (face keys and values, their gradients) share k_face's."""
+    B, H, S, D = q.shape
+    NF = k_face.shape[2]
+    kernel[(triton.cdiv(S, BLOCK_M), B * H)](
+        *pointers,
+        *out_base.stride()[:3],
+        *q.stride()[:3],
+        *k_face.stride()[:3],
+        H,
+        S,
+        NF,
+        D,
+        D**-0.5,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=max(16, triton.next_power_of_2(NF)),
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+    )
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy where its layout has gaps: empty_like must give the gradients t's strides."""
+    return t if t.stride(-1) == 1 and torch.empty_like(t).stride() == t.stride() else t.contiguous()
 
 
 class FusedFaceKeyMerge(torch.autograd.Function):
@@ -244,36 +149,15 @@ class FusedFaceKeyMerge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out_base, lse_base, q, k_face, v_face, gate, keep):
-        B, H, S, D = q.shape
-        NF = k_face.shape[2]
-        q = q if q.stride(-1) == 1 else q.contiguous()
-        k_face, v_face = k_face.contiguous(), v_face.contiguous()  # [B, H, Nf, d], few: one set of strides for both
-        out_base = out_base if out_base.stride(-1) == 1 else out_base.contiguous()
+        q, out_base = _dense(q), _dense(out_base)
+        k_face, v_face = k_face.contiguous(), v_face.contiguous()  # [B, H, Nf, d], few: one set of strides
         lse_base = lse_base.detach().float().contiguous()  # [B, H, S]
         gate_dtype, gate = gate.dtype, gate.detach().float().contiguous()
+        B = q.shape[0]
         keep = torch.ones(B, device=q.device) if keep is None else keep.detach().float().reshape(B).contiguous()
-        out = torch.empty_like(out_base)
-        grid = (triton.cdiv(S, BLOCK_M), B * H)
-        _merge_forward[grid](
-            out,
-            out_base,
-            q,
-            k_face,
-            v_face,
-            lse_base,
-            gate,
-            keep,
-            *_strides(out),
-            *_strides(out_base),
-            *_strides(q),
-            *_strides(k_face),
-            H,
-            S,
-            NF,
-            D,
-            D**-0.5,
-            **_blocks(NF, D),
-        )
+        out = torch.empty_like(out_base)  # out_base's strides
+        pointers = (out, out_base, q, k_face, v_face, lse_base, gate, keep)
+        _launch(_merge_forward, *pointers, out_base=out_base, q=q, k_face=k_face)
         ctx.save_for_backward(out_base, lse_base, q, k_face, v_face, gate, keep)
         ctx.gate_dtype = gate_dtype
         return out
@@ -281,47 +165,13 @@ class FusedFaceKeyMerge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         out_base, lse_base, q, k_face, v_face, gate, keep = ctx.saved_tensors
-        B, H, S, D = q.shape
-        NF = k_face.shape[2]
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        grad_base = torch.empty_like(out_base)  # out_base's strides, which the kernel indexes it with
-        assert grad_base.stride() == out_base.stride()
-        grad_q = torch.empty(B, H, S, D, device=q.device, dtype=q.dtype)
-        grad_k = torch.zeros(B, H, NF, D, device=q.device, dtype=torch.float32)
-        grad_v = torch.zeros_like(grad_k)
-        grad_gate = torch.zeros(H, device=q.device, dtype=torch.float32)
-        grid = (triton.cdiv(S, BLOCK_M), B * H)
-        _merge_backward[grid](
-            grad_out,
-            grad_base,
-            grad_q,
-            grad_k,
-            grad_v,
-            grad_gate,
-            out_base,
-            q,
-            k_face,
-            v_face,
-            lse_base,
-            gate,
-            keep,
-            *_strides(grad_out),
-            *_strides(out_base),
-            *_strides(q),
-            *_strides(k_face),
-            H,
-            S,
-            NF,
-            D,
-            D**-0.5,
-            **_blocks(NF, D),
-        )
-        return (
-            grad_base,
-            None,
-            grad_q,
-            grad_k.to(k_face.dtype),
-            grad_v.to(v_face.dtype),
-            grad_gate.to(ctx.gate_dtype),
-            None,
-        )
+        if grad_out.stride() != out_base.stride():
+            grad_out = torch.empty_like(out_base).copy_(grad_out)
+        grad_base, grad_q = torch.empty_like(out_base), torch.empty_like(q)  # out_base's and q's strides
+        grad_k, grad_v = (torch.zeros_like(k_face, dtype=torch.float32) for _ in range(2))  # summed across programs
+        grad_gate = torch.zeros_like(gate)
+        pointers = (grad_out, grad_base, grad_q, grad_k, grad_v, grad_gate)
+        pointers += (out_base, q, k_face, v_face, lse_base, gate, keep)
+        _launch(_merge_backward, *pointers, out_base=out_base, q=q, k_face=k_face)
+        grads = (grad_base, None, grad_q, grad_k.to(k_face.dtype), grad_v.to(v_face.dtype))
+        return *grads, grad_gate.to(ctx.gate_dtype), None

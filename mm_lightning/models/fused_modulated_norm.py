@@ -20,28 +20,14 @@ import triton.language as tl
 ROWS_PER_PROGRAM = 16  # backward: rows of one sample whose scale/shift gradients one program sums
 
 
+# fmt: off
 @triton.jit
 def _norm_forward(
-    x_ptr,
-    weight_ptr,
-    bias_ptr,
-    scale_ptr,
-    shift_ptr,
-    out_ptr,
-    mean_ptr,
-    rstd_ptr,
-    S,
-    D,
-    stride_xb,
-    stride_xs,
-    stride_mb,
-    stride_ob,
-    stride_os,
-    out_offset,
-    eps,
-    AFFINE: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    x_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr, mean_ptr, rstd_ptr,
+    S, D, stride_xb, stride_xs, stride_mb, stride_ob, stride_os, out_offset, eps,
+    AFFINE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # fmt: on
     row = tl.program_id(0)  # one token: sample b, position t
     b, t = row // S, row % S
     offs = tl.arange(0, BLOCK_D)
@@ -52,9 +38,8 @@ def _norm_forward(
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / D + eps)
     normed = centered * rstd
     if AFFINE:  # the block's own (frozen) LayerNorm weight and bias
-        normed = normed * tl.load(weight_ptr + offs, mask=mask).to(tl.float32) + tl.load(bias_ptr + offs, mask=mask).to(
-            tl.float32
-        )
+        weight = tl.load(weight_ptr + offs, mask=mask).to(tl.float32)
+        normed = normed * weight + tl.load(bias_ptr + offs, mask=mask).to(tl.float32)
     scale = tl.load(scale_ptr + b * stride_mb + offs, mask=mask).to(tl.float32)
     shift = tl.load(shift_ptr + b * stride_mb + offs, mask=mask).to(tl.float32)
     out = normed * (1.0 + scale) + shift
@@ -63,31 +48,15 @@ def _norm_forward(
     tl.store(rstd_ptr + row, rstd)
 
 
+# fmt: off
 @triton.jit
 def _norm_backward(
-    grad_ptr,
-    x_ptr,
-    weight_ptr,
-    bias_ptr,
-    scale_ptr,
-    mean_ptr,
-    rstd_ptr,
-    grad_x_ptr,
-    partial_scale_ptr,
-    partial_shift_ptr,
-    S,
-    D,
-    stride_gb,
-    stride_gs,
-    grad_offset,
-    stride_xb,
-    stride_xs,
-    stride_mb,
-    AFFINE: tl.constexpr,
-    GRAD_X: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    grad_ptr, x_ptr, weight_ptr, bias_ptr, scale_ptr, mean_ptr, rstd_ptr,
+    grad_x_ptr, partial_scale_ptr, partial_shift_ptr,
+    S, D, stride_gb, stride_gs, grad_offset, stride_xb, stride_xs, stride_mb,
+    AFFINE: tl.constexpr, GRAD_X: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # fmt: on
     group, b = tl.program_id(0), tl.program_id(1)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -141,28 +110,13 @@ class FusedModulatedNorms(torch.autograd.Function):
             if not scale.stride(-1) == shift.stride(-1) == 1 or scale.stride(0) != shift.stride(0):
                 scale, shift = scale.contiguous(), shift.contiguous()
             mean, rstd = (torch.empty(B, x.shape[1], device=x.device, dtype=torch.float32) for _ in range(2))
+            # fmt: off
             _norm_forward[(B * x.shape[1],)](
-                x,
-                x if weight is None else weight,
-                x if bias is None else bias,
-                scale,
-                shift,
-                out,
-                mean,
-                rstd,
-                x.shape[1],
-                D,
-                x.stride(0),
-                x.stride(1),
-                scale.stride(0),
-                out.stride(0),
-                out.stride(1),
-                offset,
-                eps,
-                AFFINE=weight is not None,
-                BLOCK_D=triton.next_power_of_2(D),
-                num_warps=8,
+                x, x if weight is None else weight, x if bias is None else bias, scale, shift, out, mean, rstd,
+                x.shape[1], D, x.stride(0), x.stride(1), scale.stride(0), out.stride(0), out.stride(1), offset, eps,
+                AFFINE=weight is not None, BLOCK_D=triton.next_power_of_2(D), num_warps=8,
             )
+            # fmt: on
             stats += [mean, rstd]
             used_scales.append(scale)
             offset += x.shape[1]
@@ -187,31 +141,13 @@ class FusedModulatedNorms(torch.autograd.Function):
             grad_x = torch.empty(B, length, D, device=x.device, dtype=x.dtype) if want_x else grad_out  # unused
             groups = triton.cdiv(length, ROWS_PER_PROGRAM)
             partial_scale, partial_shift = (torch.empty(B, groups, D, device=x.device) for _ in range(2))
+            # fmt: off
             _norm_backward[(groups, B)](
-                grad_out,
-                x,
-                weight,
-                bias,
-                scale,
-                stats[2 * i],
-                stats[2 * i + 1],
-                grad_x,
-                partial_scale,
-                partial_shift,
-                length,
-                D,
-                grad_out.stride(0),
-                grad_out.stride(1),
-                offset,
-                x.stride(0),
-                x.stride(1),
-                scale.stride(0),
-                AFFINE=ctx.affine,
-                GRAD_X=want_x,
-                ROWS=ROWS_PER_PROGRAM,
-                BLOCK_D=triton.next_power_of_2(D),
-                num_warps=8,
+                grad_out, x, weight, bias, scale, stats[2 * i], stats[2 * i + 1], grad_x, partial_scale, partial_shift,
+                length, D, grad_out.stride(0), grad_out.stride(1), offset, x.stride(0), x.stride(1), scale.stride(0),
+                AFFINE=ctx.affine, GRAD_X=want_x, ROWS=ROWS_PER_PROGRAM, BLOCK_D=triton.next_power_of_2(D), num_warps=8,
             )
+            # fmt: on
             scale_shape, scale_dtype, shift_shape, shift_dtype = ctx.modulation_shapes[i]
             grads += [
                 grad_x if want_x else None,
