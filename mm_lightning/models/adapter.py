@@ -162,10 +162,14 @@ def modulated_norms(norm: nn.LayerNorm, *streams: tuple[torch.Tensor, torch.Tens
     scale's and shift's gradients summed inside (CAN trains them) and no concatenation afterwards."""
     fused = _fused_norms()
     flat = [t for stream in streams for t in stream]
-    frozen_affine = norm.weight is None and norm.bias is None
-    if norm.weight is not None and norm.bias is not None:
-        frozen_affine = not (norm.weight.requires_grad or norm.bias.requires_grad)  # a trained backbone: eager
-    if fused is not None and frozen_affine and _fusable(*flat):
+    # The kernels read the LayerNorm's own weight and bias: only where they are frozen (a trained backbone needs
+    # their gradients) and whole. DeepSpeed ZeRO-3 gathers a module's partitioned weights in hooks around that
+    # module's own call, which the kernels never make: outside it they are empty tensors.
+    affine = [p for p in (norm.weight, norm.bias) if p is not None]
+    usable_affine = len(affine) in (0, 2) and all(
+        not p.requires_grad and p.shape == norm.normalized_shape for p in affine
+    )
+    if fused is not None and usable_affine and _fusable(*flat):
         return fused.apply(norm.weight, norm.bias, norm.eps, *flat)
     normed = [norm(x) * (1 + scale) + shift for x, scale, shift in streams]
     return normed[0] if len(normed) == 1 else torch.cat(normed, dim=1)
