@@ -1,5 +1,5 @@
 """Runs the adapter's Triton kernels on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set by the
-caller, tests/test_model.py) in fp32, and prints as JSON the relative error of the output and of every gradient
+caller, tests/test_triton_kernels.py) in fp32, and prints as JSON the relative error of the output and of every gradient
 against the eager forms in fp64."""
 
 import copy
