@@ -19,7 +19,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels: CUDA only")
 @pytest.mark.parametrize("face_tokens", [32, 20])  # 20: padded to the kernels' 32-wide key block
-def test_fused_face_key_merge_matches_eager_on_cuda(face_tokens, monkeypatch):
+def test_fused_face_key_merge_matches_eager_on_cuda(face_tokens):
     """The Triton merge's output and gradients are as close to the fp64 truth as the eager merge's in bf16,
     and exactly the base attention where the gate is 0 or the face is dropped."""
     from mm_lightning.models import adapter
@@ -43,8 +43,8 @@ def test_fused_face_key_merge_matches_eager_on_cuda(face_tokens, monkeypatch):
     inputs = [out_base, q, k_face, v_face, gate]
     fused = run(inputs)
     truth = run([t.double() for t in inputs])  # fp64 takes the eager path
-    monkeypatch.setattr(adapter, "_fused_merge", lambda: None)
-    eager = run(inputs)
+    with adapter.eager_forms():
+        eager = run(inputs)
     assert torch.equal(fused[0][:, 0], out_base[:, 0]) and torch.equal(fused[0][1], out_base[1])
     names = ["output", "out_base", "q", "k_face", "v_face", "gate"]
     for name, got, ref, want in zip(names, [fused[0], *fused[1]], [eager[0], *eager[1]], [truth[0], *truth[1]]):
@@ -54,7 +54,7 @@ def test_fused_face_key_merge_matches_eager_on_cuda(face_tokens, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels: CUDA only")
 @pytest.mark.parametrize("affine", [True, False])
-def test_fused_modulated_norms_match_eager_on_cuda(affine, monkeypatch):
+def test_fused_modulated_norms_match_eager_on_cuda(affine):
     """The Triton modulated norms (three streams joined, as the feed-forward's input) are as close to the fp64
     truth as eager bf16, in the output and in the gradients of x, scale and shift."""
     from mm_lightning.models import adapter
@@ -77,8 +77,8 @@ def test_fused_modulated_norms_match_eager_on_cuda(affine, monkeypatch):
 
     fused = run(norm, streams)
     truth = run(copy.deepcopy(norm).double(), [[t.double() for t in stream] for stream in streams])
-    monkeypatch.setattr(adapter, "_fused_norms", lambda: None)
-    eager = run(norm, streams)
+    with adapter.eager_forms():
+        eager = run(norm, streams)
     names = ["output"] + [f"{what} {i}" for i in range(3) for what in ("x", "scale", "shift")]
     for name, got, ref, want in zip(names, fused, eager, truth, strict=True):
         got_error, eager_error = _relative_error(got, want), _relative_error(ref, want)
