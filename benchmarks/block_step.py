@@ -120,8 +120,8 @@ def main() -> None:
     variants += [(label, block, True) for label, block in parts] if args.parts else []
     # The adapted block again with its Triton kernels swapped for eager PyTorch, or the eager merge compiled.
     swaps = [
-        ("adapted, merge eager", lambda: mock.patch.object(adapter, "_fused_merge", lambda: None)),
-        ("adapted, norms eager", lambda: mock.patch.object(adapter, "_fused_norms", lambda: None)),
+        ("adapted, merge eager", lambda: mock.patch.object(adapter, "fused_face_key_merge", None)),
+        ("adapted, norms eager", lambda: mock.patch.object(adapter, "fused_modulated_norms", None)),
         ("adapted, both eager", adapter.eager_forms),
     ]
     swaps = swaps if args.eager_kernels else []

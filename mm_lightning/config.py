@@ -187,8 +187,9 @@ class TrainerConfig:
     # master weights. "auto": bfloat16 when precision is bf16-*, else float32.
     frozen_dtype: str = "auto"  # "auto" | "bfloat16" | "float32"
     gradient_checkpointing: bool = False
-    # `fit` only: torch.compile each transformer block (static shapes). Refused on GPUs before torch 2.14, whose
-    # compiled backward gave the adapter wrong gradients (curriculum.refuse_compiled_training_on_cuda).
+    # `fit` only: torch.compile each transformer block (static shapes). On GPUs before torch 2.14, whose compiled
+    # backward gave the adapter wrong gradients, only where the adapter's Triton kernels compute those
+    # (curriculum.refuse_compiled_training_on_cuda).
     compile_blocks: bool = False
     log_every_n_steps: int = 1
     deterministic: bool = False

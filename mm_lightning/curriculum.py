@@ -288,16 +288,33 @@ def compiled_cuda_gradients_known_wrong() -> bool:
 
 
 def refuse_compiled_training_on_cuda(cfg: DictConfig) -> None:
-    """trainer.compile_blocks on a GPU with torch < 2.14: a config error. On torch 2.11 (H100) inductor's
-    compiled backward of an adapted block at video length gives CAN and the face-key gate wrong gradients
-    (CAN's 14-17% off in bf16, far more in fp32; NaN at 5B under DeepSpeed), while eager and CPU compilation
-    agree (tests/test_model.py::test_compiled_block_gradients_equal_eager_at_video_length and
-    benchmarks/real_scale/compiled_gradients/README.md). Part of it is pytorch/pytorch#193061 (torch 2.10-2.13)."""
+    """trainer.compile_blocks on a GPU with torch < 2.14, where the adapter's Triton kernels cannot run: a config
+    error. On torch 2.11 (H100) inductor's own compiled backward of an adapted block gives CAN and the face-key
+    gate wrong gradients (CAN's 14-17% off in bf16, far more in fp32; NaN at 5B under DeepSpeed;
+    benchmarks/real_scale/compiled_gradients/README.md, part of it pytorch/pytorch#193061). The Triton kernels of
+    the modulated norms and the face-key merge compute exactly those gradients, and compiled blocks launch them as
+    custom ops: with them the compiled bf16 block's gradients equal eager ones
+    (tests/test_model.py::test_compiled_block_gradients_equal_eager_at_video_length). They run in half precision
+    where Triton is installed, on a frozen backbone (its norms' affine takes no gradient), without determinism."""
     on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if cfg.trainer.compile_blocks and on_gpu and compiled_cuda_gradients_known_wrong():
+    if not (cfg.trainer.compile_blocks and on_gpu and compiled_cuda_gradients_known_wrong()):
+        return
+    from mm_lightning.models import adapter
+
+    kept_out = {
+        "Triton is not installed": adapter.fused_face_key_merge is None,
+        f"trainer.precision={cfg.trainer.precision} (the kernels run in bf16 or fp16)": not str(
+            cfg.trainer.precision
+        ).startswith(("bf16", "16")),
+        "trainer.deterministic=true (the merge's backward adds with atomics)": cfg.trainer.deterministic,
+        "model.train_backbone=true (the norms' own weights then train)": cfg.model.train_backbone,
+    }
+    reasons = [reason for reason, applies in kept_out.items() if applies]
+    if reasons:
         raise ConfigError(
             f"trainer.compile_blocks=true trains on wrong adapter gradients on CUDA with torch {torch.__version__} "
-            "(inductor; see benchmarks/real_scale/compiled_gradients/README.md): use trainer.compile_blocks=false"
+            f"without the adapter's Triton kernels, which cannot run here: {'; '.join(reasons)} "
+            "(see benchmarks/real_scale/compiled_gradients/README.md): use trainer.compile_blocks=false"
         )
 
 

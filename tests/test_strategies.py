@@ -233,20 +233,34 @@ def test_compiled_blocks_are_refused_under_zero3():
     load_config("full", profile="cogvideox-5b", overrides=zero3)
 
 
-def test_compiled_training_on_a_gpu_is_refused_before_torch_2_14(monkeypatch):
-    # torch 2.11's compiled CUDA backward gave the adapter wrong gradients (tests/test_model.py's CUDA test).
+def test_compiled_training_on_a_gpu_needs_the_triton_kernels_before_torch_2_14(monkeypatch):
+    # torch 2.11's compiled CUDA backward gave the adapter wrong gradients, except where the adapter's Triton
+    # kernels compute them (tests/test_model.py's CUDA test).
     from mm_lightning.curriculum import refuse_compiled_training_on_cuda
+    from mm_lightning.models import adapter
 
-    compiled = load_config("full", overrides=["trainer.compile_blocks=true"])
+    def check(*overrides):
+        refuse_compiled_training_on_cuda(load_config("full", profile="cogvideox-5b", overrides=list(overrides)))
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
-    with pytest.raises(ConfigError, match="wrong adapter gradients on CUDA with torch 2.11.0"):
-        refuse_compiled_training_on_cuda(compiled)
-    refuse_compiled_training_on_cuda(load_config("full"))  # eager
-    on_cpu = ["trainer.compile_blocks=true", "trainer.accelerator=cpu"]
-    refuse_compiled_training_on_cuda(load_config("full", overrides=on_cpu))
+    monkeypatch.setattr(adapter, "fused_face_key_merge", None)  # a CPU build of torch: no Triton
+    with pytest.raises(ConfigError, match="wrong adapter gradients on CUDA with torch 2.11.0.*Triton is not installed"):
+        check("trainer.compile_blocks=true")
+    check()  # eager
+    check("trainer.compile_blocks=true", "trainer.accelerator=cpu")
+    monkeypatch.setattr(adapter, "fused_face_key_merge", lambda *args: None)  # CUDA torch ships Triton
+    check("trainer.compile_blocks=true")
+    for override, reason in [
+        ("trainer.precision=32-true", "trainer.precision=32-true"),
+        ("trainer.deterministic=true", "trainer.deterministic=true"),
+        ("model.train_backbone=true", "model.train_backbone=true"),
+    ]:
+        with pytest.raises(ConfigError, match=reason):
+            check("trainer.compile_blocks=true", override)
+    monkeypatch.setattr(adapter, "fused_face_key_merge", None)
     monkeypatch.setattr(torch, "__version__", "2.14.0")
-    refuse_compiled_training_on_cuda(compiled)
+    check("trainer.compile_blocks=true")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

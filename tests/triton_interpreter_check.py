@@ -8,8 +8,8 @@ import json
 import torch
 
 from mm_lightning.models import adapter
-from mm_lightning.models.fused_face_key_merge import FusedFaceKeyMerge
-from mm_lightning.models.fused_modulated_norm import FusedModulatedNorms
+from mm_lightning.models.fused_face_key_merge import fused_face_key_merge
+from mm_lightning.models.fused_modulated_norm import fused_modulated_norms
 
 torch.manual_seed(0)
 errors = {}
@@ -34,7 +34,7 @@ out_base = out_base.transpose(1, 2).contiguous().transpose(1, 2)  # strided, as 
 gate, keep = torch.tensor([0.0, 0.5, 2.0]), torch.tensor([1.0, 0.0]).view(2, 1, 1, 1)
 grad = torch.randn(2, 3, 150, 64)
 inputs = [out_base, q, k_face, v_face, gate]
-fused = with_gradients(lambda o, *rest: FusedFaceKeyMerge.apply(o, lse, *rest, keep), inputs, grad, torch.float32)
+fused = with_gradients(lambda o, *rest: fused_face_key_merge(o, lse, *rest, keep), inputs, grad, torch.float32)
 eager = lambda o, *rest: adapter.merge_face_keys(o, lse.double(), *rest, keep.double())  # noqa: E731
 compare("merge", fused, with_gradients(eager, inputs, grad, torch.float64))
 
@@ -44,7 +44,10 @@ norm.weight.normal_(1.0, 0.2), norm.bias.normal_(0.0, 0.2)
 streams = [(torch.randn(2, n, 256) * 3 + 1, torch.randn(2, 1, 256), torch.randn(2, 1, 256)) for n in (37, 50, 20)]
 inputs, grad = [t for stream in streams for t in stream], torch.randn(2, 107, 256)
 fused = with_gradients(
-    lambda *f: FusedModulatedNorms.apply(norm.weight, norm.bias, norm.eps, *f), inputs, grad, torch.float32
+    lambda *f: fused_modulated_norms(norm.weight, norm.bias, norm.eps, *zip(f[0::3], f[1::3], f[2::3], strict=True)),
+    inputs,
+    grad,
+    torch.float32,
 )
 norm64 = copy.deepcopy(norm).double()
 eager = lambda *f: adapter.modulated_norms(norm64, *zip(f[0::3], f[1::3], f[2::3], strict=True))  # noqa: E731

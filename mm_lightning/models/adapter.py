@@ -46,7 +46,6 @@ fused_modulated_norm.py); the eager forms here are what they compute, and what t
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 
 import torch
@@ -109,25 +108,13 @@ class SoftmaxWithLogSumExp(torch.autograd.Function):
         return grad.addcmul_(probs, grad_lse.unsqueeze(-1)).to(ctx.scores_dtype)
 
 
-@functools.cache
-def _fused_merge():
-    """The Triton merge's autograd function, or None where Triton is not installed (CPU builds of torch)."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from mm_lightning.models.fused_face_key_merge import FusedFaceKeyMerge
-
-    return FusedFaceKeyMerge
-
-
-@functools.cache
-def _fused_norms():
-    """The Triton modulated norms' autograd function, or None where Triton is not installed."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from mm_lightning.models.fused_modulated_norm import FusedModulatedNorms
-
-    return FusedModulatedNorms
-
+# CUDA builds of torch ship Triton; CPU builds do not, and run the eager forms. Resolved once here: torch.compile
+# then sees plain functions (or None) in the blocks it traces.
+if importlib.util.find_spec("triton") is not None:
+    from mm_lightning.models.fused_face_key_merge import fused_face_key_merge
+    from mm_lightning.models.fused_modulated_norm import fused_modulated_norms
+else:
+    fused_face_key_merge = fused_modulated_norms = None
 
 _eager_forms = False
 
@@ -145,14 +132,15 @@ def eager_forms():
 
 
 def _fusable(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernels take these: CUDA, one half-precision dtype, and no torch.compile tracing."""
+    """Whether the Triton kernels take these: CUDA and one half-precision dtype (compiled blocks too: the
+    kernels are custom ops, which torch.compile launches as they are, where its own backward of these regions
+    was wrong on torch 2.11)."""
     dtype = tensors[0].dtype
     return (
         not _eager_forms
         and tensors[0].is_cuda
         and dtype in (torch.float16, torch.bfloat16)
         and all(t.dtype == dtype for t in tensors)
-        and not torch.compiler.is_compiling()
     )
 
 
@@ -160,7 +148,6 @@ def modulated_norms(norm: nn.LayerNorm, *streams: tuple[torch.Tensor, torch.Tens
     """norm(x) * (1 + scale) + shift for each stream (x [B, S_i, D], scale and shift [B, 1, D]), joined along
     the tokens: [B, sum S_i, D]. On CUDA in half precision, two Triton kernels (forward, backward) with the
     scale's and shift's gradients summed inside (CAN trains them) and no concatenation afterwards."""
-    fused = _fused_norms()
     flat = [t for stream in streams for t in stream]
     # The kernels read the LayerNorm's own weight and bias: only where they are frozen (a trained backbone needs
     # their gradients) and whole. DeepSpeed ZeRO-3 gathers a module's partitioned weights in hooks around that
@@ -169,8 +156,8 @@ def modulated_norms(norm: nn.LayerNorm, *streams: tuple[torch.Tensor, torch.Tens
     usable_affine = len(affine) in (0, 2) and all(
         not p.requires_grad and p.shape == norm.normalized_shape for p in affine
     )
-    if fused is not None and usable_affine and _fusable(*flat):
-        return fused.apply(norm.weight, norm.bias, norm.eps, *flat)
+    if fused_modulated_norms is not None and usable_affine and _fusable(*flat):
+        return fused_modulated_norms(norm.weight, norm.bias, norm.eps, *streams)
     normed = [norm(x) * (1 + scale) + shift for x, scale, shift in streams]
     return normed[0] if len(normed) == 1 else torch.cat(normed, dim=1)
 
@@ -187,10 +174,14 @@ def merge_face_keys(
     """softmax([s_base, s_face + log gate]) [V_base; V_face], from the base attention's output and
     log-sum-exp; exactly out_base where gate == 0 or keep == 0 (see the module docstring).
     On CUDA in half precision it runs as two fused Triton kernels, unless deterministic algorithms are asked
-    for (their backward sums the face keys' gradients with atomic adds) or torch.compile traces it."""
-    fused = _fused_merge()
-    if fused is not None and _fusable(q, out_base, k_face, v_face) and not torch.are_deterministic_algorithms_enabled():
-        return fused.apply(out_base, lse_base, q, k_face, v_face, gate, keep)
+    for (their backward sums the face keys' gradients with atomic adds)."""
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        # Its matmuls run in autocast's dtype; k_face comes out of a LayerNorm, which autocast leaves in fp32.
+        # Cast as autocast would, so that the kernel takes the merge under bf16-mixed too.
+        q, k_face, v_face, out_base = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k_face, v_face, out_base))
+    fusable = _fusable(q, out_base, k_face, v_face) and not torch.are_deterministic_algorithms_enabled()
+    if fused_face_key_merge is not None and fusable:
+        return fused_face_key_merge(out_base, lse_base, q, k_face, v_face, gate, keep)
     # Few passes over the [B, H, S, Nf] scores: they are the merge's main cost in eager mode (S is ~17.5K at 5B).
     scores = q @ (k_face * q.shape[-1] ** -0.5).transpose(-1, -2)  # [B, H, S, Nf] in q's dtype: few face keys
     probs, lse_face = SoftmaxWithLogSumExp.apply(scores)  # fp32 at least: [B, H, S, Nf], [B, H, S]

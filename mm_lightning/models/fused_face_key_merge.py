@@ -4,7 +4,8 @@ Hand-written because the merge is MagicMirror's own (see `adapter.merge_face_key
 runs it as ~10 kernels forward and ~20 backward over [B, H, S, Nf] and [B, H, S, d] tensors. At the image
 stage's shapes that was 2 ms of a 27 ms adapted-block training pass, the largest part of the adapter's cost
 (`benchmarks/real_scale/h100x1/block_step_image_parts*.log`). torch.compile would fuse it, but its CUDA
-gradients for this block are wrong on torch 2.11 (`benchmarks/real_scale/compiled_gradients/`).
+gradients for this block are wrong on torch 2.11 (`benchmarks/real_scale/compiled_gradients/`); the kernels are
+custom ops (`torch.library.triton_op`), which compiled blocks launch as they are.
 
 Each program takes BLOCK_M queries of one (batch, head): the face scores [BLOCK_M, Nf], their softmax and
 log-sum-exp, the face output and the merge weight stay in registers. Forward reads q and out_base and writes
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 BLOCK_M = 64
 
@@ -122,7 +124,7 @@ def _launch(kernel, *pointers, out_base, q, k_face):
     strides, those like q share q's and those like k_face (face keys and values, their gradients) share k_face's."""
     B, H, S, D = q.shape
     NF = k_face.shape[2]
-    kernel[(triton.cdiv(S, BLOCK_M), B * H)](
+    torch.library.wrap_triton(kernel)[(triton.cdiv(S, BLOCK_M), B * H)](
         *pointers,
         *out_base.stride()[:3],
         *q.stride()[:3],
@@ -143,35 +145,69 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and torch.empty_like(t).stride() == t.stride() else t.contiguous()
 
 
-class FusedFaceKeyMerge(torch.autograd.Function):
-    """merge_face_keys(out_base, lse_base, q, k_face, v_face, gate, keep) on CUDA; the same gradients as the
-    eager merge (none through lse_base, whose kernels do not differentiate it; none for keep)."""
+# Custom ops (torch.library.triton_op), so that torch.compile keeps each kernel as one opaque launch inside a
+# compiled block instead of tracing the eager merge: inductor's own backward of that region was wrong on torch 2.11.
+@torch.library.triton_op("mm_lightning::face_key_merge", mutates_args=())
+def _merge(
+    out_base: Tensor, lse_base: Tensor, q: Tensor, k_face: Tensor, v_face: Tensor, gate: Tensor, keep: Tensor
+) -> Tensor:
+    out = torch.empty_like(out_base)  # out_base's strides
+    pointers = (out, out_base, q, k_face, v_face, lse_base, gate, keep)
+    _launch(_merge_forward, *pointers, out_base=out_base, q=q, k_face=k_face)
+    return out
 
-    @staticmethod
-    def forward(ctx, out_base, lse_base, q, k_face, v_face, gate, keep):
-        q, out_base = _dense(q), _dense(out_base)
-        k_face, v_face = k_face.contiguous(), v_face.contiguous()  # [B, H, Nf, d], few: one set of strides
-        lse_base = lse_base.detach().float().contiguous()  # [B, H, S]
-        gate_dtype, gate = gate.dtype, gate.detach().float().contiguous()
-        B = q.shape[0]
-        keep = torch.ones(B, device=q.device) if keep is None else keep.detach().float().reshape(B).contiguous()
-        out = torch.empty_like(out_base)  # out_base's strides
-        pointers = (out, out_base, q, k_face, v_face, lse_base, gate, keep)
-        _launch(_merge_forward, *pointers, out_base=out_base, q=q, k_face=k_face)
-        ctx.save_for_backward(out_base, lse_base, q, k_face, v_face, gate, keep)
-        ctx.gate_dtype = gate_dtype
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        out_base, lse_base, q, k_face, v_face, gate, keep = ctx.saved_tensors
-        if grad_out.stride() != out_base.stride():
-            grad_out = torch.empty_like(out_base).copy_(grad_out)
-        grad_base, grad_q = torch.empty_like(out_base), torch.empty_like(q)  # out_base's and q's strides
-        grad_k, grad_v = (torch.zeros_like(k_face, dtype=torch.float32) for _ in range(2))  # summed across programs
-        grad_gate = torch.zeros_like(gate)
-        pointers = (grad_out, grad_base, grad_q, grad_k, grad_v, grad_gate)
-        pointers += (out_base, q, k_face, v_face, lse_base, gate, keep)
-        _launch(_merge_backward, *pointers, out_base=out_base, q=q, k_face=k_face)
-        grads = (grad_base, None, grad_q, grad_k.to(k_face.dtype), grad_v.to(v_face.dtype))
-        return *grads, grad_gate.to(ctx.gate_dtype), None
+@torch.library.triton_op("mm_lightning::face_key_merge_backward", mutates_args=())
+def _merge_grads(
+    grad_out: Tensor,
+    out_base: Tensor,
+    lse_base: Tensor,
+    q: Tensor,
+    k_face: Tensor,
+    v_face: Tensor,
+    gate: Tensor,
+    keep: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if grad_out.stride() != out_base.stride():
+        grad_out = torch.empty_like(out_base).copy_(grad_out)
+    grad_base, grad_q = torch.empty_like(out_base), torch.empty_like(q)  # out_base's and q's strides
+    grad_k, grad_v = (torch.zeros_like(k_face, dtype=torch.float32) for _ in range(2))  # summed across programs
+    grad_gate = torch.zeros_like(gate)
+    pointers = (grad_out, grad_base, grad_q, grad_k, grad_v, grad_gate)
+    pointers += (out_base, q, k_face, v_face, lse_base, gate, keep)
+    _launch(_merge_backward, *pointers, out_base=out_base, q=q, k_face=k_face)
+    return grad_base, grad_q, grad_k.to(k_face.dtype), grad_v.to(v_face.dtype), grad_gate
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out):
+    """The same gradients as the eager merge: none through lse_base (whose kernels do not differentiate it),
+    none for keep."""
+    out_base, lse_base, q, k_face, v_face, gate, keep = ctx.saved_tensors
+    grads = _merge_grads(grad_out, out_base, lse_base, q, k_face, v_face, gate, keep)
+    grad_base, grad_q, grad_k, grad_v, grad_gate = grads
+    return grad_base, None, grad_q, grad_k, grad_v, grad_gate, None
+
+
+torch.library.register_autograd("mm_lightning::face_key_merge", _backward, setup_context=_save_inputs)
+
+
+def fused_face_key_merge(
+    out_base: Tensor, lse_base: Tensor, q: Tensor, k_face: Tensor, v_face: Tensor, gate: Tensor, keep: Tensor | None
+) -> Tensor:
+    """merge_face_keys(out_base, lse_base, q, k_face, v_face, gate, keep) on CUDA, with its arguments laid out as
+    the kernels read them (the layout changes are differentiable, and free where they are already so)."""
+    B = q.shape[0]
+    keep = torch.ones(B, device=q.device) if keep is None else keep.detach().float().reshape(B)
+    return _merge(
+        _dense(out_base),
+        lse_base.detach().float().contiguous(),  # [B, H, S]
+        _dense(q),
+        k_face.contiguous(),  # [B, H, Nf, d], few: one set of strides for the face keys, values and gradients
+        v_face.contiguous(),
+        gate.float().contiguous(),
+        keep.contiguous(),
+    )
