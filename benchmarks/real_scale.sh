@@ -9,9 +9,10 @@
 #   bash benchmarks/real_scale.sh generate # 1 GPU: generate's memory modes, MODES="none model sequential int8"
 #   bash benchmarks/real_scale.sh multi    # fit's step under MULTI="ddp 1,ddp 2,fsdp 2,deepspeed_stage_2 2"
 #                                          # (4 GPUs: MULTI="deepspeed_stage_3 4,deepspeed_stage_2 4,fsdp 4")
-#   bash benchmarks/real_scale.sh deepspeed # every GPU, ZeRO-2 (ZERO=3: ZeRO-3): fit's video stage + checkpoint + kill
-#                                          # + --resume + evaluation (PHASE=first|resume: one half, for two calls
-#                                          # on one warm machine when both do not fit one call's 10 minutes)
+#   bash benchmarks/real_scale.sh sequence # every GPU (or DEVICES), STRATEGY=deepspeed_stage_2 (default), _3, ddp or
+#                                          # fsdp: fit's video stage + checkpoint + kill + --resume + evaluation
+#                                          # (PHASE=first|resume: one half, for two calls on one warm machine when
+#                                          # both do not fit one call's 10 minutes)
 #   bash benchmarks/real_scale.sh snapshot # only the snapshot (before running modes side by side, one per GPU)
 # PROFILE=tiny runs the same commands on CPU-sized models (the dry run). Logs and JSON go to $OUT.
 # `python -P`: the installed mm_lightning, not the repository folder's (installing maps callbacks/ and evaluation/
@@ -149,39 +150,42 @@ multi)
     grep -E "s/step|Error" "$LOG" | tail -n 2
   done
   ;;
-deepspeed)
+sequence)
   snapshot || exit 1
-  # fit under DeepSpeed ZeRO-$ZERO on every GPU (or DEVICES). The video stage is killed (-9, the whole process group)
-  # once its step-1 checkpoint (a folder of shards) is complete; --resume continues from it to step 2, joins the
-  # stage's weights into final.ckpt and evaluates: one video of EVAL_STEPS sampling steps (under ZeRO-3 with every
-  # weight still partitioned). One checkpoint kept: at 5B each folder is 23-24 GiB, and in /dev/shm they share the
-  # host's memory with the join of the stage's weights.
-  ZERO=${ZERO:-2} PHASE=${PHASE:-both}
+  # fit under STRATEGY on every GPU (or DEVICES). The video stage is killed (-9, the whole process group) once its
+  # step-1 checkpoint is complete; --resume continues from it to step 2, writes the stage's final.ckpt (under
+  # DeepSpeed joined from its shards) and evaluates: one video of EVAL_STEPS sampling steps (under ZeRO-3 with every
+  # weight still partitioned). One checkpoint kept: at 5B each is 20-24 GiB, and in /dev/shm they share the host's
+  # memory with the join of the stage's weights.
+  STRATEGY=${STRATEGY:-deepspeed_stage_2} PHASE=${PHASE:-both}
+  N=${DEVICES:-$(python -c 'import torch; print(torch.cuda.device_count())')}
+  NAME=${STRATEGY}_${N}gpu
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   # From /tmp: Lightning starts the other ranks with `python -m mm_lightning`, without -P (see above).
-  ARGS="--profile $PROFILE $(overrides) $EXTRA output_dir=$RUNS/zero$ZERO trainer.strategy=deepspeed_stage_$ZERO
-        trainer.devices=${DEVICES:-$(python -c 'import torch; print(torch.cuda.device_count())')}
+  ARGS="--profile $PROFILE $(overrides) $EXTRA output_dir=$RUNS/$NAME trainer.strategy=$STRATEGY trainer.devices=$N
         curriculum.order=[video_finetune] trainer.checkpoint_every_n_steps=1 trainer.keep_checkpoints=1
         loss.identity_weight=0 eval.max_videos=1 sampling.num_inference_steps=${EVAL_STEPS:-5}"
+  # Lightning writes a checkpoint file whole (a temporary file, renamed); DeepSpeed writes a folder of shards and
+  # its `latest` file once every shard is saved (3 s more, as the earlier ZeRO runs waited).
+  case $STRATEGY in deepspeed*) ready=step=1.ckpt/latest settle=3 ;; *) ready=step=1.ckpt settle=0 ;; esac
   if [ "$PHASE" != resume ]; then
     (cd /tmp && exec setsid python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=3) \
-      > "$OUT/zero${ZERO}_fit.log" 2>&1 &
+      > "$OUT/${NAME}_fit.log" 2>&1 &
     pid=$!  # setsid's session: the leader and the ranks it starts
-    # DeepSpeed writes the folder's `latest` file once every shard is saved
-    until ls "$RUNS"/zero$ZERO/*/checkpoints/video_finetune/step=1.ckpt/latest > /dev/null 2>&1 || ! kill -0 $pid 2> /dev/null
-    do sleep 1; done
-    sleep 3
-    kill -9 -- -$pid && echo "=== killed fit's process group $pid after the step-1 checkpoint" | tee -a "$OUT/zero${ZERO}_fit.log"
+    until ls "$RUNS/$NAME"/*/checkpoints/video_finetune/$ready > /dev/null 2>&1 || ! kill -0 $pid 2> /dev/null
+    do sleep 0.2; done
+    sleep $settle
+    kill -9 -- -$pid && echo "=== killed fit's process group $pid after the step-1 checkpoint" | tee -a "$OUT/${NAME}_fit.log"
     sleep 2
   fi
   [ "$PHASE" = first ] && exit 0
   (cd /tmp && python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=2 --resume) 2>&1 | quiet \
-    | grep --line-buffered -v "^  " | tee "$OUT/zero${ZERO}_resume.log" || exit 1
-  list_checkpoints "$RUNS/zero$ZERO" | tee -a "$OUT/zero${ZERO}_resume.log"
+    | grep --line-buffered -v "^  " | tee "$OUT/${NAME}_resume.log" || exit 1
+  list_checkpoints "$RUNS/$NAME" | tee -a "$OUT/${NAME}_resume.log"
   # PHASE=resume: the first run's log is the earlier call's, not in this $OUT
-  echo "DeepSpeed's skip messages (OVERFLOW) in $OUT's logs: $(cat "$OUT"/zero${ZERO}_{fit,resume}.log 2> /dev/null | grep -c OVERFLOW)" \
-    | tee -a "$OUT/zero${ZERO}_resume.log"
-  list_step_metrics | tee -a "$OUT/zero${ZERO}_resume.log"
+  echo "DeepSpeed's skip messages (OVERFLOW) in $OUT's logs: $(cat "$OUT"/${NAME}_{fit,resume}.log 2> /dev/null | grep -c OVERFLOW)" \
+    | tee -a "$OUT/${NAME}_resume.log"
+  list_step_metrics | tee -a "$OUT/${NAME}_resume.log"
   ;;
-*) echo "usage: $0 snapshot|fit|evalfit|step|sample|optim|generate|multi|deepspeed"; exit 2 ;;
+*) echo "usage: $0 snapshot|fit|evalfit|step|sample|optim|generate|multi|sequence"; exit 2 ;;
 esac

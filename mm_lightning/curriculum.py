@@ -321,6 +321,13 @@ def refuse_compiled_training_on_cuda(cfg: DictConfig) -> None:
 def strategy(cfg: DictConfig):
     """Lightning's own strategies; FSDP shards at the CogVideoX block level."""
     name = cfg.trainer.strategy
+    on_gpus = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
+    if (name == "fsdp" or name.startswith("deepspeed_stage_")) and not on_gpus:
+        # One line here, rather than Lightning's traceback once fit starts.
+        raise ConfigError(
+            f"trainer.strategy={name} needs CUDA GPUs, and {torch.cuda.device_count()} are visible with "
+            f"trainer.accelerator={cfg.trainer.accelerator}: use ddp or auto here"
+        )
     if name == "fsdp":
         from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
         from lightning.pytorch.strategies import FSDPStrategy
@@ -338,8 +345,6 @@ def strategy(cfg: DictConfig):
     if name.startswith("deepspeed_stage_"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        if not torch.cuda.is_available():  # one line here, rather than Lightning's traceback once fit starts
-            raise ConfigError(f"trainer.strategy={name} needs CUDA GPUs and none is visible: use ddp or auto here")
         # Checkpoints hold the trained weights, as under the other strategies: not the frozen backbone, T5 or VAE.
         return DeepSpeedStrategy(stage=int(name.removeprefix("deepspeed_stage_")), exclude_frozen_parameters=True)
     return name  # "auto"

@@ -263,10 +263,10 @@ def test_compiled_training_on_a_gpu_needs_the_triton_kernels_before_torch_2_14(m
     check("trainer.compile_blocks=true")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_deepspeed_without_cuda_is_a_config_error():
-    # Lightning refuses DeepSpeed on the CPU too, with a traceback once fit has started: one line, before.
+@pytest.mark.parametrize("name", ["deepspeed_stage_2", "fsdp"])
+def test_sharded_strategies_without_gpus_are_a_config_error(name):
+    # Lightning refuses DeepSpeed and FSDP on the CPU, with a traceback once fit has started: one line, before.
     from mm_lightning.curriculum import strategy
 
-    with pytest.raises(ConfigError, match="trainer.strategy=deepspeed_stage_2 needs CUDA GPUs"):
-        strategy(load_config("full", overrides=["trainer.strategy=deepspeed_stage_2"]))
+    with pytest.raises(ConfigError, match=f"trainer.strategy={name} needs CUDA GPUs"):
+        strategy(load_config("full", overrides=[f"trainer.strategy={name}", "trainer.accelerator=cpu"]))
