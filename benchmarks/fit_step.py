@@ -34,12 +34,13 @@ import torch
 
 from mm_lightning.commands.bench_counters import timed
 from mm_lightning.commands.snapshot import snapshot_config
-from mm_lightning.curriculum import frozen_models_needed, strategy
+from mm_lightning.curriculum import frozen_models_needed
 from mm_lightning.data.latent_cache import open_cache
 from mm_lightning.memory import gib
 from mm_lightning.models.loading import ID_EMBED_DIMS, frozen_dtype, sampling_scheduler
 from mm_lightning.models.magicmirror import compile_blocks
 from mm_lightning.module import MagicMirrorModule
+from mm_lightning.strategies import strategy
 
 CUDA = torch.cuda.is_available()  # without a GPU (tiny profile) the script only dry-runs the code path
 DEVICE = "cuda" if CUDA else "cpu"

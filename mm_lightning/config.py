@@ -189,7 +189,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     # `fit` only: torch.compile each transformer block (static shapes). On GPUs before torch 2.14, whose compiled
     # backward gave the adapter wrong gradients, only where the adapter's Triton kernels compute those
-    # (curriculum.refuse_compiled_training_on_cuda).
+    # (strategies.refuse_compiled_training_on_cuda).
     compile_blocks: bool = False
     log_every_n_steps: int = 1
     deterministic: bool = False

@@ -8,9 +8,9 @@ from diffusers import CogVideoXTransformer3DModel
 
 from mm_lightning.ablation_matrix import load_matrix
 from mm_lightning.config import list_experiments, load_config
-from mm_lightning.curriculum import compiled_cuda_gradients_known_wrong
 from mm_lightning.models.loading import MissingWeightsError, check_weight_paths, load_components, write_random_weights
 from mm_lightning.pipeline import build_pipeline
+from mm_lightning.strategies import compiled_cuda_gradients_known_wrong
 from mm_lightning.text import identity_token_mask
 from tests.helpers import PAPER_TRAINING, open_adapters
 

@@ -112,8 +112,8 @@ def test_fsdp_units_are_whole_blocks_with_the_block_an_adapter_holds():
     from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
     from torch.distributed.fsdp.wrap import _recursive_wrap
 
-    from mm_lightning.curriculum import BlockUnits
     from mm_lightning.models.adapter import MagicMirrorBlock
+    from mm_lightning.strategies import BlockUnits
 
     model = load_components(load_config("full"), text_encoder=False, vae=False).transformer
     units = []
@@ -236,8 +236,8 @@ def test_compiled_blocks_are_refused_under_zero3():
 def test_compiled_training_on_a_gpu_needs_the_triton_kernels_before_torch_2_14(monkeypatch):
     # torch 2.11's compiled CUDA backward gave the adapter wrong gradients, except where the adapter's Triton
     # kernels compute them (tests/test_model.py's CUDA test).
-    from mm_lightning.curriculum import refuse_compiled_training_on_cuda
     from mm_lightning.models import adapter
+    from mm_lightning.strategies import refuse_compiled_training_on_cuda
 
     def check(*overrides):
         refuse_compiled_training_on_cuda(load_config("full", profile="cogvideox-5b", overrides=list(overrides)))
@@ -266,7 +266,7 @@ def test_compiled_training_on_a_gpu_needs_the_triton_kernels_before_torch_2_14(m
 @pytest.mark.parametrize("name", ["deepspeed_stage_2", "fsdp"])
 def test_sharded_strategies_without_gpus_are_a_config_error(name):
     # Lightning refuses DeepSpeed and FSDP on the CPU, with a traceback once fit has started: one line, before.
-    from mm_lightning.curriculum import strategy
+    from mm_lightning.strategies import strategy
 
     with pytest.raises(ConfigError, match=f"trainer.strategy={name} needs CUDA GPUs"):
         strategy(load_config("full", overrides=[f"trainer.strategy={name}", "trainer.accelerator=cpu"]))
