@@ -125,9 +125,14 @@ def main() -> None:
         ("adapted, both eager", adapter.eager_forms),
     ]
     swaps = swaps if args.eager_kernels else []
-    if args.compiled_merge:
-        compiled = torch.compile(adapter.merge_face_keys)  # traces the eager form
-        swaps.append(("adapted, merge compiled", lambda: mock.patch.object(adapter, "merge_face_keys", compiled)))
+    if args.compiled_merge:  # the eager form traced (no kernel to launch): inductor's fusion in the kernel's place
+        compiled = torch.compile(adapter.merge_face_keys)
+        swaps.append(
+            (
+                "adapted, merge compiled",
+                lambda: mock.patch.multiple(adapter, merge_face_keys=compiled, fused_face_key_merge=None),
+            )
+        )
     for train, passes in ((True, batch), (False, 2 * batch)):
         what = f"{'training' if train else 'inference'} pass, batch {passes}"
         base = None
