@@ -19,6 +19,7 @@ LAYERS = {
     "mm_lightning.commands": COMMANDS,
     # training and the evaluation run (sample, score, log), tables and reports
     "mm_lightning.curriculum": TRAINING,
+    "mm_lightning.strategies": TRAINING,
     "mm_lightning.module": TRAINING,
     "mm_lightning.ema": TRAINING,
     "mm_lightning.memory": TRAINING,
