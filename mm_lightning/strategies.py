@@ -9,6 +9,11 @@ from omegaconf import DictConfig
 from mm_lightning.config import ConfigError
 
 
+def _on_cuda_gpus(cfg: DictConfig) -> bool:
+    """Whether fit's trainer runs on CUDA GPUs: some are visible, and trainer.accelerator takes them."""
+    return cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def compiled_cuda_gradients_known_wrong() -> bool:
     """torch before 2.14: its compiled CUDA backward of an adapted block gave wrong gradients (2.11 measured)."""
     from packaging.version import Version
@@ -25,8 +30,7 @@ def refuse_compiled_training_on_cuda(cfg: DictConfig) -> None:
     custom ops: with them the compiled bf16 block's gradients equal eager ones
     (tests/test_model.py::test_compiled_block_gradients_equal_eager_at_video_length). They run in half precision
     where Triton is installed, on a frozen backbone (its norms' affine takes no gradient), without determinism."""
-    on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if not (cfg.trainer.compile_blocks and on_gpu and compiled_cuda_gradients_known_wrong()):
+    if not (cfg.trainer.compile_blocks and _on_cuda_gpus(cfg) and compiled_cuda_gradients_known_wrong()):
         return
     from mm_lightning.models import adapter
 
@@ -50,8 +54,7 @@ def refuse_compiled_training_on_cuda(cfg: DictConfig) -> None:
 def strategy(cfg: DictConfig):
     """Lightning's own strategies; FSDP shards at the CogVideoX block level."""
     name = cfg.trainer.strategy
-    on_gpus = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
-    if (name == "fsdp" or name.startswith("deepspeed_stage_")) and not on_gpus:
+    if (name == "fsdp" or name.startswith("deepspeed_stage_")) and not _on_cuda_gpus(cfg):
         # One line here, rather than Lightning's traceback once fit starts.
         raise ConfigError(
             f"trainer.strategy={name} needs CUDA GPUs, and {torch.cuda.device_count()} are visible with "
