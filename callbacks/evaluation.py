@@ -4,7 +4,7 @@ alone every `eval.reliance_every_n_steps` steps (a learning curve in MLflow)."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from mm_lightning.ema import find_ema
 from mm_lightning.evaluation_run import evaluate_model
 from mm_lightning.reliance import RelianceProbe
+from mm_lightning.strategies import whole_weights
 
 
 class MLflowEvaluationCallback(Callback):
@@ -26,15 +27,25 @@ class MLflowEvaluationCallback(Callback):
             self.probe = RelianceProbe.from_config(self.cfg, module.transformer.face_encoder.clip_image_size)
         return self.probe
 
+    @contextmanager
+    def _evaluating(self, trainer):
+        """No gradients; under FSDP every weight gathered; under bf16-mixed (frozen modules bf16, trainable ones
+        fp32) the training step's autocast; with ema.enabled the EMA weights swapped in."""
+        ema = find_ema(trainer)
+        with (
+            torch.no_grad(),
+            whole_weights(trainer.strategy.model),
+            trainer.precision_plugin.forward_context(),
+            ema.swapped_in() if ema else nullcontext(),
+        ):
+            yield
+
     def _run(self, trainer, module) -> None:
         logger = trainer.logger
         run_id = trainer.strategy.broadcast(getattr(logger, "run_id", None) if trainer.is_global_zero else None)
         if run_id is None:
             return
-        # Under bf16-mixed the frozen modules are bf16 and the trainable ones fp32: sample in the
-        # same autocast as the training step. With ema.enabled, the EMA weights are evaluated.
-        ema = find_ema(trainer)
-        with torch.no_grad(), trainer.precision_plugin.forward_context(), ema.swapped_in() if ema else nullcontext():
+        with self._evaluating(trainer):
             evaluate_model(
                 module,
                 self.cfg,
@@ -54,9 +65,8 @@ class MLflowEvaluationCallback(Callback):
         run_id = trainer.strategy.broadcast(getattr(logger, "run_id", None) if trainer.is_global_zero else None)
         if run_id is None or self.reliance_step == trainer.global_step:  # gradient accumulation repeats a step
             return
-        ema = find_ema(trainer)
-        with torch.no_grad(), trainer.precision_plugin.forward_context(), ema.swapped_in() if ema else nullcontext():
-            result = self._probe(module).measure(module)  # every rank: FSDP's forward passes are collective
+        with self._evaluating(trainer):
+            result = self._probe(module).measure(module)  # every rank: FSDP's gathering is collective
         self.reliance_step = trainer.global_step
         if trainer.is_global_zero:
             for key, value in result.metrics().items():

@@ -323,7 +323,10 @@ class MagicMirrorModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {f"transformer.{k}": v for k, v in self.transformer.trainable_state_dict().items()}
+        # The trained weights, picked from the state dict the strategy gathered: under FSDP a rank's parameters
+        # are its shards, and FSDP's full state dict (on rank 0) holds them whole.
+        trained = {f"transformer.{name}" for name in self.transformer.trainable_names()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
         checkpoint["mm_stage"] = self.stage
         checkpoint["mm_config"] = OmegaConf.to_container(self.cfg, resolve=True)  # generate/evaluate rebuild from it
         ema = find_ema(self.trainer)  # here, not in the callback: weights-only saves (final.ckpt) skip callbacks

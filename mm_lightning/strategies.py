@@ -1,10 +1,14 @@
 """How fit's trainer runs on its devices: Lightning's strategies (DDP; FSDP in units of one transformer block;
-DeepSpeed ZeRO-2/3), and which compiled-block training the GPU's torch gets right."""
+DeepSpeed ZeRO-2/3), what evaluation needs under FSDP, and which compiled-block training the GPU's torch gets
+right."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from mm_lightning.config import ConfigError
 
@@ -80,6 +84,20 @@ def strategy(cfg: DictConfig):
         # Checkpoints hold the trained weights, as under the other strategies: not the frozen backbone, T5 or VAE.
         return DeepSpeedStrategy(stage=int(name.removeprefix("deepspeed_stage_")), exclude_frozen_parameters=True)
     return name  # "auto"
+
+
+def whole_weights(model: nn.Module) -> AbstractContextManager:
+    """Every weight whole on every rank for the context's duration, where `model` (the trainer's strategy.model)
+    is FSDP's root; otherwise nothing. Outside an FSDP unit's forward a rank holds only its shard of the unit's
+    weights, and the evaluation and the reliance probe call modules directly (the VAE, the face encoder, the
+    transformer's own layers), not through the root's forward as a training step does. Collective: every rank
+    enters. writeback=False: nothing evaluation does reaches the shards. The gathered copy, freed on leaving, is
+    the whole model in its stored dtypes: at 5B about 28 GiB a GPU (FSDP on 4 GPUs held 7.1 GiB of it each)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(model, writeback=False)
+    return nullcontext()
 
 
 class BlockUnits:

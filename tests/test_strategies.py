@@ -14,7 +14,8 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import nn
 
 from mm_lightning.config import ConfigError, load_config
-from mm_lightning.models.loading import load_components
+from mm_lightning.evaluation.eval_set import demo_eval_set
+from mm_lightning.models.loading import load_components, write_random_weights
 from mm_lightning.module import MagicMirrorModule
 from tests.helpers import REPO, free_port, open_adapters
 from tests.test_dtype_policy import _image_batch
@@ -217,6 +218,142 @@ def test_zero3_trains_then_checkpoints_then_samples(tmp_path):
     shape = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("frames ")]
     assert shape and shape[0][:4] == [str(s.num_frames), str(s.height), str(s.width), "3"]
     assert float(shape[0][4]) > 0  # not a blank video
+
+
+# FSDP on the CPU (torch's own, gloo, two processes; Lightning's FSDP needs CUDA), wrapped as trainer.strategy=fsdp
+# has Lightning wrap the module: the evaluation callback's reliance probe at the start of training and after each
+# step, training going on between (the shards untouched), one video sampled as the evaluation samples it, then a
+# checkpoint saved and loaded into a fresh FSDP module as --resume loads it.
+_FSDP_EVALUATION = """
+import sys
+from contextlib import nullcontext
+from types import SimpleNamespace
+from unittest import mock
+import torch, torch.distributed as dist
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+from torch.distributed.fsdp import FullyShardedDataParallel
+from mm_lightning.callbacks.evaluation import MLflowEvaluationCallback
+from mm_lightning.config import load_config
+from mm_lightning.models.adapter import MagicMirrorBlock
+from mm_lightning.module import MagicMirrorModule
+from mm_lightning.pipeline import sample_video
+from mm_lightning.strategies import BlockUnits, whole_weights
+from tests.test_dtype_policy import _image_batch
+
+class Module(MagicMirrorModule):
+    def forward(self, batch):  # Lightning's FSDP runs training_step inside the root's forward
+        return self.compute_loss(batch, generator=torch.Generator().manual_seed(0))["loss"]
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+def say(*words):  # one file per rank: the ranks' prints would interleave in one pipe
+    with open(f"{sys.argv[1]}/rank{rank}.txt", "a") as out:
+        print(rank, *words, file=out)
+probe = ["eval.reliance_identities=2", "eval.reliance_timesteps=2", "eval.reliance_every_n_steps=1"]
+cfg = load_config("full", overrides=[*probe, "sampling.num_inference_steps=2"])
+module = Module(cfg, stage="image_pretrain")
+model = FullyShardedDataParallel(module, auto_wrap_policy=BlockUnits(CogVideoXBlock, MagicMirrorBlock),
+                                 use_orig_params=True, device_id=torch.device("cpu"))
+say("vae_conv_dims", module.vae.encoder.conv_in.conv.weight.dim())  # a flat shard outside a forward
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+experiment = mock.Mock()  # the MLflow client
+
+def broadcast(obj):  # as Lightning's strategy broadcasts rank 0's run id
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+trainer = SimpleNamespace(
+    strategy=SimpleNamespace(model=model, broadcast=broadcast),
+    logger=SimpleNamespace(run_id="run", experiment=experiment),
+    precision_plugin=SimpleNamespace(forward_context=nullcontext),
+    callbacks=[], global_step=0, max_steps=3, is_global_zero=rank == 0,
+)
+callback = MLflowEvaluationCallback(cfg, "image_pretrain")
+callback.on_train_start(trainer, module)
+batch = _image_batch(cfg)
+for step in range(2):
+    loss = model(batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    trainer.global_step = step + 1
+    callback.on_train_batch_end(trainer, module, None, batch, 0)
+    say("loss", loss.item())
+for call in experiment.log_metric.call_args_list:
+    run, key, value = call.args
+    if key.endswith("/id_reliance"):
+        say("id_reliance", call.kwargs["step"], value)
+size = module.transformer.face_encoder.clip_image_size
+with whole_weights(model):
+    frames = sample_video(module.sampling_pipeline(), cfg, "a man smiling", torch.rand(1, 3, size, size),
+                          batch["id_embedding"][0].float(), seed=0)
+say("frames", *frames.shape, frames.std())
+
+# A checkpoint as Lightning's FSDPStrategy writes it: FSDP's full state dict (on rank 0), then the module's hook.
+# Lightning also offloads it to the CPU, which crashes FSDP on a CPU device; that is all it does differently.
+from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+def full_state_dict(model, rank0_only):
+    return FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                                    FullStateDictConfig(rank0_only=rank0_only))
+def trained_weights(module):
+    return {f"transformer.{n.replace('_fsdp_wrapped_module.', '')}": p.detach().clone()
+            for n, p in module.transformer.named_parameters() if p.requires_grad}
+with whole_weights(model):
+    expected = trained_weights(module)
+with full_state_dict(model, rank0_only=True):
+    checkpoint = {"state_dict": model.state_dict()}
+module.trainer = SimpleNamespace(callbacks=[])  # the hook looks for an EMA callback
+module.on_save_checkpoint(checkpoint)
+path = sys.argv[1] + "/step=2.ckpt"
+if rank == 0:
+    saved = checkpoint["state_dict"]
+    same = saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    say("saved", len(saved), same)
+    torch.save(checkpoint, path)
+dist.barrier()
+# --resume: every rank loads the file into a fresh FSDP module, as FSDPStrategy.load_checkpoint does.
+fresh = Module(cfg, stage="image_pretrain")
+fresh_model = FullyShardedDataParallel(fresh, auto_wrap_policy=BlockUnits(CogVideoXBlock, MagicMirrorBlock),
+                                       use_orig_params=True, device_id=torch.device("cpu"))
+with full_state_dict(fresh_model, rank0_only=False):
+    fresh_model.load_state_dict(torch.load(path, weights_only=False)["state_dict"], strict=fresh.strict_loading)
+with whole_weights(fresh_model):
+    resumed = trained_weights(fresh)
+say("resumed", all(torch.equal(resumed[k], expected[k]) for k in expected))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # two processes, each building the tiny model twice, training, probing and sampling: about 45 s
+def test_fsdp_evaluation_and_checkpoints_see_whole_weights(tmp_path):
+    # On four H200s the reliance probe at the start of training failed on the VAE's flat shard (h200x4/fsdp_4gpu_*);
+    # the checkpoint hook took the trained weights from the parameters, which under FSDP are each rank's shards.
+    cfg = load_config("full")
+    write_random_weights(cfg)  # once, here: the two ranks would race to write them
+    demo_eval_set(cfg.cache_dir)
+    script = tmp_path / "fsdp_evaluation.py"
+    script.write_text(_FSDP_EVALUATION)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    done = subprocess.run(
+        [*launch, str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = [line.split() for rank in (0, 1) for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines()]
+    assert ["0", "vae_conv_dims", "1"] in lines and ["1", "vae_conv_dims", "1"] in lines  # sharded, as on the GPUs
+    losses = [float(line[2]) for line in lines if line[1] == "loss"]
+    assert len(losses) == 4 and all(map(math.isfinite, losses))
+    reliance = {int(line[2]): float(line[3]) for line in lines if line[:2] == ["0", "id_reliance"]}
+    assert sorted(reliance) == [0, 1, 2] and reliance[0] == 0.0  # every step; exactly 0 on the fresh model
+    assert all(map(math.isfinite, reliance.values()))
+    s = cfg.sampling
+    frames = [line[2:] for line in lines if line[1] == "frames"]
+    assert len(frames) == 2 and all(f[:4] == [str(s.num_frames), str(s.height), str(s.width), "3"] for f in frames)
+    assert all(float(f[4]) > 0 for f in frames)  # not a blank video
+    saved = next(line[2:] for line in lines if line[:2] == ["0", "saved"])
+    assert int(saved[0]) > 0 and saved[1] == "True"  # every trained weight, whole, and nothing frozen
+    assert ["0", "resumed", "True"] in lines and ["1", "resumed", "True"] in lines
 
 
 def test_ema_is_refused_where_the_weights_are_sharded():

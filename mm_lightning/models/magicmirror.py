@@ -143,9 +143,13 @@ class MagicMirrorTransformer(nn.Module):
             output = output.permute(0, 1, 5, 4, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(1, 2)
         return (output,)
 
+    def trainable_names(self) -> set[str]:
+        """The trained parameters' names as state dicts key them: without the prefix FSDP's units add."""
+        return {n.replace("_fsdp_wrapped_module.", "") for n, p in self.named_parameters() if p.requires_grad}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the trained weights: checkpoints never hold the frozen backbone, T5, VAE or CLIP."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names = self.trainable_names()
         return {k: v for k, v in self.state_dict().items() if k in names}
 
 
