@@ -166,20 +166,20 @@ sequence)
   ARGS="--profile $PROFILE $(overrides) $EXTRA output_dir=$RUNS/$NAME trainer.strategy=$STRATEGY trainer.devices=$N
         curriculum.order=[video_finetune] trainer.checkpoint_every_n_steps=1 trainer.keep_checkpoints=1
         loss.identity_weight=0 eval.max_videos=1 sampling.num_inference_steps=${EVAL_STEPS:-5}"
-  # The step-1 checkpoint is complete when it reads as a whole zip: Lightning's torch.save writes the file in place,
-  # its index last (at 5B about a minute for 20 GB). DeepSpeed writes a folder of shards and its `latest` file once
-  # every shard is saved (3 s more, as the earlier ZeRO runs waited).
+  # The step-1 checkpoint is complete when the zip's end record (PK 05 06, no comment) closes the file: Lightning's
+  # torch.save writes it in place, that record last (at 5B about a minute for 20 GB). DeepSpeed writes a folder of
+  # shards and its `latest` file once every shard is saved (3 s more, as the earlier ZeRO runs waited).
   case $STRATEGY in deepspeed*) ready=step=1.ckpt/latest settle=3 ;; *) ready=step=1.ckpt settle=0 ;; esac
   written() {
     f=$(ls -d "$RUNS/$NAME"/*/checkpoints/video_finetune/$ready 2> /dev/null) || return 1
-    case $STRATEGY in deepspeed*) ;; *) python -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1])" "$f" 2> /dev/null ;; esac
+    case $STRATEGY in deepspeed*) ;; *) [ "$(tail -c 22 "$f" | od -An -tx1 -N4 | tr -d ' ')" = 504b0506 ] ;; esac
   }
   running() { [ "$(ps -o stat= -p "$1" 2> /dev/null | cut -c1)" != Z ] && kill -0 "$1" 2> /dev/null; }  # not a zombie
   if [ "$PHASE" != resume ]; then
     (cd /tmp && exec setsid python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=3) \
       > "$OUT/${NAME}_fit.log" 2>&1 &
     pid=$!  # setsid's session: the leader and the ranks it starts
-    until written || ! running $pid; do sleep 0.2; done
+    until written || ! running $pid; do sleep 0.05; done
     written || { kill -9 -- -$pid 2> /dev/null; echo "=== fit ended before its step-1 checkpoint" | tee -a "$OUT/${NAME}_fit.log"; exit 1; }
     sleep $settle
     kill -9 -- -$pid && echo "=== killed fit's process group $pid after the step-1 checkpoint" | tee -a "$OUT/${NAME}_fit.log"
