@@ -221,17 +221,16 @@ def test_zero3_trains_then_checkpoints_then_samples(tmp_path):
 
 
 # FSDP on the CPU (torch's own, gloo, two processes; Lightning's FSDP needs CUDA), wrapped as trainer.strategy=fsdp
-# has Lightning wrap the module: the evaluation callback's reliance probe at the start of training and after each
+# has Lightning wrap the module under bf16-mixed (FSDP's bf16 mixed precision, autocast around the forwards): the evaluation callback's reliance probe at the start of training and after each
 # step, training going on between (the shards untouched), one video sampled as the evaluation samples it, then a
 # checkpoint saved and loaded into a fresh FSDP module as --resume loads it.
 _FSDP_EVALUATION = """
 import sys
-from contextlib import nullcontext
 from types import SimpleNamespace
 from unittest import mock
 import torch, torch.distributed as dist
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 from mm_lightning.callbacks.evaluation import MLflowEvaluationCallback
 from mm_lightning.config import load_config
 from mm_lightning.models.adapter import MagicMirrorBlock
@@ -252,8 +251,14 @@ def say(*words):  # one file per rank: the ranks' prints would interleave in one
 probe = ["eval.reliance_identities=2", "eval.reliance_timesteps=2", "eval.reliance_every_n_steps=1"]
 cfg = load_config("full", overrides=[*probe, "sampling.num_inference_steps=2"])
 module = Module(cfg, stage="image_pretrain")
-model = FullyShardedDataParallel(module, auto_wrap_policy=BlockUnits(CogVideoXBlock, MagicMirrorBlock),
-                                 use_orig_params=True, device_id=torch.device("cpu"))
+# Lightning's FSDP under bf16-mixed: FSDP's mixed precision (bf16 compute copies) and autocast around forwards.
+bf16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
+def wrap(module):
+    return FullyShardedDataParallel(module, auto_wrap_policy=BlockUnits(CogVideoXBlock, MagicMirrorBlock),
+                                    use_orig_params=True, device_id=torch.device("cpu"), mixed_precision=bf16)
+def autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+model = wrap(module)
 say("vae_conv_dims", module.vae.encoder.conv_in.conv.weight.dim())  # a flat shard outside a forward
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 experiment = mock.Mock()  # the MLflow client
@@ -266,14 +271,15 @@ def broadcast(obj):  # as Lightning's strategy broadcasts rank 0's run id
 trainer = SimpleNamespace(
     strategy=SimpleNamespace(model=model, broadcast=broadcast),
     logger=SimpleNamespace(run_id="run", experiment=experiment),
-    precision_plugin=SimpleNamespace(forward_context=nullcontext),
+    precision_plugin=SimpleNamespace(forward_context=autocast),
     callbacks=[], global_step=0, max_steps=3, is_global_zero=rank == 0,
 )
 callback = MLflowEvaluationCallback(cfg, "image_pretrain")
 callback.on_train_start(trainer, module)
 batch = _image_batch(cfg)
 for step in range(2):
-    loss = model(batch)
+    with autocast():
+        loss = model(batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -285,7 +291,7 @@ for call in experiment.log_metric.call_args_list:
     if key.endswith("/id_reliance"):
         say("id_reliance", call.kwargs["step"], value)
 size = module.transformer.face_encoder.clip_image_size
-with whole_weights(model):
+with whole_weights(model), autocast():
     frames = sample_video(module.sampling_pipeline(), cfg, "a man smiling", torch.rand(1, 3, size, size),
                           batch["id_embedding"][0].float(), seed=0)
 say("frames", *frames.shape, frames.std())
@@ -314,8 +320,7 @@ if rank == 0:
 dist.barrier()
 # --resume: every rank loads the file into a fresh FSDP module, as FSDPStrategy.load_checkpoint does.
 fresh = Module(cfg, stage="image_pretrain")
-fresh_model = FullyShardedDataParallel(fresh, auto_wrap_policy=BlockUnits(CogVideoXBlock, MagicMirrorBlock),
-                                       use_orig_params=True, device_id=torch.device("cpu"))
+fresh_model = wrap(fresh)
 with full_state_dict(fresh_model, rank0_only=False):
     fresh_model.load_state_dict(torch.load(path, weights_only=False)["state_dict"], strict=fresh.strict_loading)
 with whole_weights(fresh_model):
