@@ -221,9 +221,10 @@ def test_zero3_trains_then_checkpoints_then_samples(tmp_path):
 
 
 # FSDP on the CPU (torch's own, gloo, two processes; Lightning's FSDP needs CUDA), wrapped as trainer.strategy=fsdp
-# has Lightning wrap the module under bf16-mixed (FSDP's bf16 mixed precision, autocast around the forwards): the evaluation callback's reliance probe at the start of training and after each
-# step, training going on between (the shards untouched), one video sampled as the evaluation samples it, then a
-# checkpoint saved and loaded into a fresh FSDP module as --resume loads it.
+# has Lightning wrap the module under bf16-mixed (FSDP's bf16 mixed precision, autocast around the forwards): the
+# evaluation callback's reliance probe at the start of training and after each step, training going on between
+# (the shards untouched), one video sampled as the evaluation samples it, then a checkpoint saved and loaded into
+# a fresh FSDP module as --resume loads it.
 _FSDP_EVALUATION = """
 import sys
 from types import SimpleNamespace
