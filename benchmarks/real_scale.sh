@@ -154,10 +154,12 @@ multi)
 sequence)
   snapshot || exit 1
   # fit under STRATEGY on every GPU (or DEVICES). The video stage is killed (-9, the whole process group) once its
-  # step-1 checkpoint is complete; --resume continues from it to step 2, writes the stage's final.ckpt (under
-  # DeepSpeed joined from its shards) and evaluates: one video of EVAL_STEPS sampling steps (under ZeRO-3 with every
-  # weight still partitioned). One checkpoint kept: at 5B each is 20-24 GiB, and in /dev/shm they share the host's
-  # memory with the join of the stage's weights.
+  # step-1 checkpoint is complete; --resume continues from it to step 2, evaluates (one video of EVAL_STEPS sampling
+  # steps; under ZeRO-3 with every weight still partitioned), writes the step-2 checkpoint and the stage's final.ckpt
+  # (under DeepSpeed joined from its shards). One checkpoint kept: at 5B each is 20-24 GiB, and in /dev/shm they
+  # share the host's memory with the join of the stage's weights. Under FSDP a 20 GiB checkpoint takes about 2
+  # minutes and the resume runs past one call's 10 minutes: PHASE=resume once more finishes the stage from its
+  # step-2 checkpoint.
   STRATEGY=${STRATEGY:-deepspeed_stage_2} PHASE=${PHASE:-both}
   N=${DEVICES:-$(python -c 'import torch; print(torch.cuda.device_count())')}
   NAME=${STRATEGY}_${N}gpu

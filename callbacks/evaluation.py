@@ -1,6 +1,11 @@
 """MLflow evaluation callback: runs the evaluation (`mm_lightning.evaluation_run.evaluate_model`) at the
 end of each curriculum stage and every `eval.every_n_steps` steps when set, and the identity-reliance probe
-alone every `eval.reliance_every_n_steps` steps (a learning curve in MLflow)."""
+alone every `eval.reliance_every_n_steps` steps (a learning curve in MLflow).
+
+The stage's last evaluation runs at its last optimizer step, before that step's checkpoint is written
+(Lightning calls checkpoint callbacks last). A checkpoint at the stage's last step therefore means the
+stage is evaluated: `--resume` from it skips the training loop, so nothing would evaluate it later, and a
+run killed during that evaluation resumes from the checkpoint before, and evaluates."""
 
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ class MLflowEvaluationCallback(Callback):
         self.cfg, self.stage = cfg, stage
         self.probe = None  # the identity-reliance probe: its fixed batch is built once
         self.reliance_step = None  # the step the probe last ran at
+        self.evaluated_step = None  # the step the evaluation last ran at
+        self.step_at_last_batch = None  # a batch that leaves global_step as it was is a micro-batch of accumulation
 
     def _probe(self, module) -> RelianceProbe:
         if self.probe is None:
@@ -57,13 +64,13 @@ class MLflowEvaluationCallback(Callback):
                 trainer.world_size,
                 self._probe(module),
             )
-        self.reliance_step = trainer.global_step
+        self.reliance_step = self.evaluated_step = trainer.global_step
 
     def _run_reliance(self, trainer, module) -> None:
         """The identity-reliance probe alone, every eval.reliance_every_n_steps: a learning curve in MLflow."""
         logger = trainer.logger
         run_id = trainer.strategy.broadcast(getattr(logger, "run_id", None) if trainer.is_global_zero else None)
-        if run_id is None or self.reliance_step == trainer.global_step:  # gradient accumulation repeats a step
+        if run_id is None or self.reliance_step == trainer.global_step:  # the evaluation at this step ran it
             return
         with self._evaluating(trainer):
             result = self._probe(module).measure(module)  # every rank: FSDP's gathering is collective
@@ -73,16 +80,21 @@ class MLflowEvaluationCallback(Callback):
                 logger.experiment.log_metric(run_id, f"eval/{self.stage}/{key}", value, step=trainer.global_step)
 
     def on_train_start(self, trainer, module):
+        self.step_at_last_batch = trainer.global_step
         if self.cfg.eval.reliance_every_n_steps:
             self._run_reliance(trainer, module)  # the curve's first point: exactly 0 on a fresh model
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        n = self.cfg.eval.every_n_steps
-        if n and trainer.global_step % n == 0 and trainer.global_step < trainer.max_steps:
+        step, n = trainer.global_step, self.cfg.eval.every_n_steps
+        stepped, self.step_at_last_batch = step != self.step_at_last_batch, step
+        if not stepped:  # gradient accumulation: the step is not done yet
+            return
+        if step == trainer.max_steps or (n and step % n == 0):
             self._run(trainer, module)
         r = self.cfg.eval.reliance_every_n_steps
-        if r and trainer.global_step % r == 0 and trainer.global_step < trainer.max_steps:
+        if r and step % r == 0:
             self._run_reliance(trainer, module)
 
     def on_train_end(self, trainer, module):
-        self._run(trainer, module)
+        if self.evaluated_step != trainer.global_step:  # the loop stopped before max_steps (trainer.should_stop)
+            self._run(trainer, module)

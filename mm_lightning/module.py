@@ -316,6 +316,12 @@ class MagicMirrorModule(L.LightningModule):
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)  # Lightning's DeepSpeedStrategy
         if engine is not None:
             self.log(f"train/{self.stage}/skipped_steps", float(engine.skipped_steps))
+        if self.device.type == "cuda":
+            # The most any rank's tensors have held since the process started: the training steps, and the
+            # probe and evaluations (under FSDP these gather every weight). nvidia-smi shows the allocator's
+            # cache on top. Lightning's DeviceStatsMonitor would log all ~80 allocator statistics every batch.
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.log(f"train/{self.stage}/gpu_peak_gib", peak, reduce_fx="max", sync_dist=True)
 
     def on_train_start(self) -> None:
         if getattr(self.trainer.strategy, "zero_stage_3", False):  # Lightning's DeepSpeedStrategy(stage=3)

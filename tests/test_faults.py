@@ -51,6 +51,38 @@ def test_sigterm_checkpoints_marks_killed_and_resume_finishes_past_a_corrupt_las
 
 
 @pytest.mark.slow
+def test_a_kill_during_the_stages_last_evaluation_resumes_into_that_evaluation(tmp_path, monkeypatch):
+    # The stage's last evaluation runs before its last step's checkpoint is written: --resume from that checkpoint
+    # skips the training loop, so a stage killed in its last evaluation must resume from the checkpoint before.
+    # (On four H200s a run was cut while writing final.ckpt after its evaluation; see benchmarks/real_scale.)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the evaluation writes its videos under $TMPDIR
+    (tmp_path / "tmp").mkdir()
+    fit = ["fit", "--experiment", "full", "curriculum.order=[video_finetune]", "trainer.checkpoint_every_n_steps=1"]
+    fit += ["curriculum.stages.video_finetune.max_steps=2", "eval.reliance_every_n_steps=0"]
+    proc = start_cli(tmp_path, *fit)
+    wait_for("tmp/*/videos/*.mp4", tmp_path, proc)  # the evaluation at step 2 has sampled its first video
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    (run_dir,) = (tmp_path / "runs" / "full").iterdir()
+    ckpt_dir = run_dir / "checkpoints" / "video_finetune"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt", "step=1.ckpt"]
+
+    result = run_cli(tmp_path, *fit, "--resume")
+    assert "resuming stage video_finetune from runs/full/" in result.stdout  # last.ckpt, its link to step=1.ckpt
+    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(store_uri(tmp_path))
+    assert [m.step for m in client.get_metric_history(run_id, "eval/video_finetune/seconds")] == [2]
+    assert torch.load(ckpt_dir / "final.ckpt", weights_only=False)["global_step"] == 2
+    # Killed once step 2's checkpoint is written (here: at once), --resume writes final.ckpt and evaluates no more.
+    (ckpt_dir / "final.ckpt").unlink()
+    state = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**state, "finished_stages": []}))
+    run_cli(tmp_path, *fit, "--resume")
+    assert torch.load(ckpt_dir / "final.ckpt", weights_only=False)["global_step"] == 2
+    assert len(client.get_metric_history(run_id, "eval/video_finetune/seconds")) == 1
+
+
+@pytest.mark.slow
 def test_sigint_stops_fit_with_130_and_a_killed_run(tmp_path):
     proc = start_cli(tmp_path, *SHORT_FIT)
     wait_for("runs/full/*/checkpoints/image_pretrain/last.ckpt", tmp_path, proc)

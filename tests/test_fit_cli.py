@@ -221,3 +221,26 @@ def test_fit_under_two_process_ddp_keeps_one_run_folder_and_one_mlflow_run(tmp_p
     logged = artifacts(client, run.info.run_id)
     for rank in (0, 1):
         assert any(a.startswith(f"eval/video_finetune/step2/rank{rank}/videos/") for a in logged), rank
+
+
+def test_evaluation_runs_once_per_step_under_gradient_accumulation(tmp_path):
+    # Lightning ends every micro-batch with on_train_batch_end; an evaluation belongs to the optimizer step.
+    run_cli(
+        tmp_path,
+        "fit",
+        "--experiment",
+        "full",
+        "curriculum.order=[video_finetune]",
+        "curriculum.stages.video_finetune.max_steps=2",
+        "curriculum.stages.video_finetune.accumulate_grad_batches=2",
+        "eval.every_n_steps=1",
+        "eval.reliance_every_n_steps=1",
+    )
+    client = _client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("mm_lightning").experiment_id])
+    history = {
+        key: [m.step for m in client.get_metric_history(run.info.run_id, f"eval/video_finetune/{key}")]
+        for key in ("seconds", "id_reliance")
+    }
+    assert sorted(history["seconds"]) == [1, 2]
+    assert sorted(history["id_reliance"]) == [0, 1, 2]  # at the start of training, then with each evaluation
