@@ -343,7 +343,7 @@ class MagicMirrorModule(L.LightningModule):
     def load_trainable(self, state_dict: dict) -> None:
         prefix = "transformer."
         weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        missing = set(self.transformer.trainable_state_dict()) - set(weights)
+        missing = self.transformer.trainable_names() - set(weights)
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
         self.transformer.load_state_dict(weights, strict=False)
