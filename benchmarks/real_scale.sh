@@ -21,7 +21,7 @@
 # 21 MB as .tar.xz when the 64 MiB carry is tight) for evalfit, step, sample and sequence (the reliance probe at the
 # start of training writes the demo evaluation set's clips) with EXTRA=faces.backend=insightface.
 set -o pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MLFLOW_TRACKING_URI=sqlite:////tmp/mm_mlflow.db
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:////tmp/mm_mlflow.db}
 PROFILE=${PROFILE:-cogvideox-5b}
 OUT=${OUT:-/tmp/real_scale_out}
 SNAP=${SNAP:-/tmp/snap5b}
@@ -170,8 +170,11 @@ sequence)
         loss.identity_weight=0 eval.max_videos=1 sampling.num_inference_steps=${EVAL_STEPS:-5}"
   # The step-1 checkpoint is complete when the zip's end record (PK 05 06, no comment) closes the file: Lightning's
   # torch.save writes it in place, that record last (at 5B about a minute for 20 GB). DeepSpeed writes a folder of
-  # shards and its `latest` file once every shard is saved (3 s more, as the earlier ZeRO runs waited).
-  case $STRATEGY in deepspeed*) ready=step=1.ckpt/latest settle=3 ;; *) ready=step=1.ckpt settle=0 ;; esac
+  # shards and its `latest` file once every shard is saved. The kill comes 5 s later at 5B: Lightning hands a step's
+  # metrics to the logger only after its checkpoint callbacks, and step 0's loss and gpu_peak_gib belong in MLflow
+  # (the tiny profile's steps are too short to wait: its run would finish first).
+  case $STRATEGY in deepspeed*) ready=step=1.ckpt/latest ;; *) ready=step=1.ckpt ;; esac
+  settle=$([ "$PROFILE" = tiny ] && echo 0 || echo 5)
   written() {
     f=$(ls -d "$RUNS/$NAME"/*/checkpoints/video_finetune/$ready 2> /dev/null) || return 1
     case $STRATEGY in deepspeed*) ;; *) [ "$(tail -c 22 "$f" | od -An -tx1 -N4 | tr -d ' ')" = 504b0506 ] ;; esac

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
+from mm_lightning.callbacks.optimizer_steps import OptimizerSteps
 from mm_lightning.ema import find_ema
 from mm_lightning.evaluation_run import evaluate_model
 from mm_lightning.reliance import RelianceProbe
@@ -27,7 +28,7 @@ class MLflowEvaluationCallback(Callback):
         self.probe = None  # the identity-reliance probe: its fixed batch is built once
         self.reliance_step = None  # the step the probe last ran at
         self.evaluated_step = None  # the step the evaluation last ran at
-        self.step_at_last_batch = None  # a batch that leaves global_step as it was is a micro-batch of accumulation
+        self.optimizer_steps = OptimizerSteps()
 
     def _probe(self, module) -> RelianceProbe:
         if self.probe is None:
@@ -80,15 +81,14 @@ class MLflowEvaluationCallback(Callback):
                 logger.experiment.log_metric(run_id, f"eval/{self.stage}/{key}", value, step=trainer.global_step)
 
     def on_train_start(self, trainer, module):
-        self.step_at_last_batch = trainer.global_step
+        self.optimizer_steps.start(trainer)
         if self.cfg.eval.reliance_every_n_steps:
             self._run_reliance(trainer, module)  # the curve's first point: exactly 0 on a fresh model
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        step, n = trainer.global_step, self.cfg.eval.every_n_steps
-        stepped, self.step_at_last_batch = step != self.step_at_last_batch, step
-        if not stepped:  # gradient accumulation: the step is not done yet
+        if not self.optimizer_steps.completed(trainer):  # gradient accumulation: the step is not done yet
             return
+        step, n = trainer.global_step, self.cfg.eval.every_n_steps
         if step == trainer.max_steps or (n and step % n == 0):
             self._run(trainer, module)
         r = self.cfg.eval.reliance_every_n_steps

@@ -31,7 +31,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from filelock import FileLock, Timeout
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -40,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mm_lightning.callbacks.exception_checkpoint import ExceptionCheckpoint
 from mm_lightning.callbacks.progress import StageProgressBar
+from mm_lightning.callbacks.step_checkpoint import StepCheckpoint
 from mm_lightning.checkpoints import ResumeError, latest_checkpoint, save_stage_weights
 from mm_lightning.config import ConfigError
 from mm_lightning.data.datamodule import MagicMirrorDataModule
@@ -361,7 +361,7 @@ def _fit_stages(cfg: DictConfig, run_dir: Path, resume: bool, tags: dict[str, st
         callbacks = [
             # The newest keep_checkpoints step=N.ckpt files; last.ckpt links to the newest, so a
             # corrupt one leaves the previous to resume from.
-            ModelCheckpoint(
+            StepCheckpoint(
                 dirpath=ckpt_dir,
                 filename="{step}",
                 monitor="step",
