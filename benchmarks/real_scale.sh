@@ -168,9 +168,10 @@ sequence)
   ARGS="--profile $PROFILE $(overrides) $EXTRA output_dir=$RUNS/$NAME trainer.strategy=$STRATEGY trainer.devices=$N
         curriculum.order=[video_finetune] trainer.checkpoint_every_n_steps=1 trainer.keep_checkpoints=1
         loss.identity_weight=0 eval.max_videos=1 sampling.num_inference_steps=${EVAL_STEPS:-5}"
-  # The step-1 checkpoint is complete when the zip's end record (PK 05 06, no comment) closes the file: Lightning's
-  # torch.save writes it in place, that record last (at 5B about a minute for 20 GB). DeepSpeed writes a folder of
-  # shards and its `latest` file once every shard is saved. The kill comes 5 s later at 5B: Lightning hands a step's
+  # The step-1 checkpoint is complete when the zip's end record (PK 05 06, no comment) closes the file: fit writes
+  # `step=1.ckpt.partial` and renames it, but Lightning's own writer (before AtomicCheckpointIO) copied a file from
+  # $TMPDIR into place, that record last (at 5B about a minute for 20 GB). DeepSpeed writes a folder of shards and
+  # its `latest` file once every shard is saved. The kill comes 5 s later at 5B: Lightning hands a step's
   # metrics to the logger only after its checkpoint callbacks, and step 0's loss and gpu_peak_gib belong in MLflow
   # (the tiny profile's steps are too short to wait: its run would finish first).
   case $STRATEGY in deepspeed*) ready=step=1.ckpt/latest ;; *) ready=step=1.ckpt ;; esac

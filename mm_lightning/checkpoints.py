@@ -8,14 +8,36 @@ Lightning's own state (global_step included) beside rank 0's share of the weight
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict, ds_checkpoint_dir
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint file writer, writing `<name>.partial` beside the checkpoint and renaming it into place.
+
+    Lightning's own writer serializes the whole checkpoint in memory, writes it to a file in $TMPDIR and moves that
+    file into place. This is atomic only where $TMPDIR and output_dir share a filesystem. Elsewhere (a node's /tmp
+    and a cluster's shared disk; the GPU runs' /tmp and /dev/shm) the move is a copy written in place, and a kill
+    during it left a truncated 20 GiB `step=1.ckpt` (benchmarks/real_scale/README.md, eleventh session). It came
+    after a first full write to $TMPDIR, which then needs room for one. Here a kill leaves the previous file whole,
+    and a `.partial` that the next save of that name overwrites. DeepSpeed writes its shard folders itself."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:  # as Lightning's TorchCheckpointIO
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        torch.save(checkpoint, partial)
+        os.replace(partial, path)  # atomic on one filesystem
 
 
 class ResumeError(Exception):

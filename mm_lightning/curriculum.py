@@ -3,13 +3,14 @@
 `fit` runs the stages of `cfg.curriculum.order` in order on one MagicMirrorModule, so each
 stage starts from the previous stage's trained weights. Each stage is one Lightning
 `Trainer.fit` with its own data, batch size, step budget and LR schedule. Lightning
-writes the checkpoints (atomically: it saves through an fsspec transaction, i.e. a
-temporary file that is moved into place).
+writes the checkpoints, through `checkpoints.AtomicCheckpointIO`: a file beside each one, renamed
+into place, so a kill mid-write leaves the previous checkpoint whole.
 
 A run lives in `<output_dir>/<timestamp>/`:
   run.json                      MLflow run id and the stages already finished
   config.yaml                   the resolved config
-  checkpoints/<stage>/last.ckpt  latest periodic checkpoint (trainable weights + optimiser)
+  checkpoints/<stage>/step=N.ckpt  periodic checkpoints (trainable weights + optimiser), the newest kept
+  checkpoints/<stage>/last.ckpt    a link to the newest step=N.ckpt
   checkpoints/<stage>/on_exception.ckpt  written when a stage dies of an exception after its first step
   checkpoints/<stage>/final.ckpt         the stage's trained weights, once it finished
 Under DeepSpeed the periodic checkpoints are folders of per-rank shards, and final.ckpt is joined
@@ -40,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from mm_lightning.callbacks.exception_checkpoint import ExceptionCheckpoint
 from mm_lightning.callbacks.progress import StageProgressBar
 from mm_lightning.callbacks.step_checkpoint import StepCheckpoint
-from mm_lightning.checkpoints import ResumeError, latest_checkpoint, save_stage_weights
+from mm_lightning.checkpoints import AtomicCheckpointIO, ResumeError, latest_checkpoint, save_stage_weights
 from mm_lightning.config import ConfigError
 from mm_lightning.data.datamodule import MagicMirrorDataModule
 from mm_lightning.data.latent_cache import open_cache
@@ -265,6 +266,7 @@ def build_trainer(cfg: DictConfig, stage: str, logger, callbacks: list, run_dir:
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=strategy(cfg),
+        plugins=[] if t.strategy.startswith("deepspeed_stage_") else [AtomicCheckpointIO()],
         precision=t.precision,
         gradient_clip_val=cfg.optim.gradient_clip_val,
         deterministic=t.deterministic,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mm_lightning.checkpoints import ResumeError, latest_checkpoint
+from mm_lightning.checkpoints import AtomicCheckpointIO, ResumeError, latest_checkpoint
 from mm_lightning.cli import main
 from mm_lightning.tracking import BACKLOG_FILE, RunClient, ensure_experiment, open_store, sync_run
 from tests.helpers import SHORT_FIT, SHORT_STEPS, cli_env, free_port, run_cli, start_cli, store_uri, wait_for
@@ -109,6 +109,30 @@ def test_latest_checkpoint_passes_over_a_truncated_file(tmp_path, capsys):
     with pytest.raises(ResumeError, match="no readable checkpoint") as err:
         latest_checkpoint(tmp_path)
     assert str(tmp_path / "step=4.ckpt") in str(err.value) and str(tmp_path / "last.ckpt") in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_whole(tmp_path):
+    # fit's checkpoint writer in a real process, SIGKILLed while it writes 1 GiB (Lightning's own writer put the
+    # file in $TMPDIR first, and on another filesystem then copied it into place, where a kill truncated it)
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
+    save = "AtomicCheckpointIO().save_checkpoint({'global_step': 2, 'blob': torch.ones(2**28)}, sys.argv[1])"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, torch; from mm_lightning.checkpoints import AtomicCheckpointIO; {save}"]
+        + [str(path)],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    partial = wait_for("last.ckpt.partial", tmp_path, writer, timeout=120)
+    writer.send_signal(signal.SIGKILL)
+    assert writer.wait() == -signal.SIGKILL  # killed mid-write, not finished
+    assert partial.exists() and torch.load(path, weights_only=False)["global_step"] == 1
+    assert latest_checkpoint(tmp_path) == path  # the .partial is no checkpoint to resume from
+    AtomicCheckpointIO().save_checkpoint({"global_step": 2}, path)
+    assert not partial.exists()  # the next save of that name takes the leftover's place
 
 
 @pytest.mark.parametrize("store", ["file_in_the_way", "unreachable_server"])
