@@ -1,4 +1,5 @@
-"""fit's checkpoints on disk: the newest readable one for --resume, and one file per finished stage.
+"""fit's checkpoints on disk: how each file is written, the newest readable one for --resume, and one file per
+finished stage.
 
 Lightning writes each checkpoint as one file, except under DeepSpeed (ZeRO-2 and ZeRO-3), where it
 is a folder of per-rank shards: `<name>.ckpt/checkpoint/*mp_rank_00_model_states.pt` holds
