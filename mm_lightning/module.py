@@ -22,6 +22,7 @@ from mm_lightning.config import config_from_checkpoint, load_config
 from mm_lightning.ema import find_ema
 from mm_lightning.faces import differentiable_embedder
 from mm_lightning.faces.crops import aligned_face_crops
+from mm_lightning.memory import gib
 from mm_lightning.models.loading import Components, frozen_dtype, load_components
 from mm_lightning.models.magicmirror import compile_blocks
 from mm_lightning.pipeline import build_pipeline
@@ -320,7 +321,7 @@ class MagicMirrorModule(L.LightningModule):
             # The most any rank's tensors have held since the process started: the training steps, and the
             # probe and evaluations (under FSDP these gather every weight). nvidia-smi shows the allocator's
             # cache on top. Lightning's DeviceStatsMonitor would log all ~80 allocator statistics every batch.
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            peak = gib(torch.cuda.max_memory_allocated(self.device))
             self.log(f"train/{self.stage}/gpu_peak_gib", peak, reduce_fx="max", sync_dist=True)
 
     def on_train_start(self) -> None:
