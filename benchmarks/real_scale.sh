@@ -168,18 +168,14 @@ sequence)
   ARGS="--profile $PROFILE $(overrides) $EXTRA output_dir=$RUNS/$NAME trainer.strategy=$STRATEGY trainer.devices=$N
         curriculum.order=[video_finetune] trainer.checkpoint_every_n_steps=1 trainer.keep_checkpoints=1
         loss.identity_weight=0 eval.max_videos=1 sampling.num_inference_steps=${EVAL_STEPS:-5}"
-  # The step-1 checkpoint is complete when the zip's end record (PK 05 06, no comment) closes the file: fit writes
-  # `step=1.ckpt.partial` and renames it, but Lightning's own writer (before AtomicCheckpointIO) copied a file from
-  # $TMPDIR into place, that record last (at 5B about a minute for 20 GB). DeepSpeed writes a folder of shards and
-  # its `latest` file once every shard is saved. The kill comes 5 s later at 5B: Lightning hands a step's
-  # metrics to the logger only after its checkpoint callbacks, and step 0's loss and gpu_peak_gib belong in MLflow
-  # (the tiny profile's steps are too short to wait: its run would finish first).
+  # The step-1 checkpoint is complete once its name is there: fit writes `step=1.ckpt.partial` and renames it
+  # (AtomicCheckpointIO); DeepSpeed writes a folder of shards and its `latest` file once every shard is saved.
+  # The kill comes 5 s later at 5B: Lightning hands a step's metrics to the logger only after its checkpoint
+  # callbacks, and step 0's loss and gpu_peak_gib belong in MLflow (the tiny profile's steps are too short to wait:
+  # its run would finish first).
   case $STRATEGY in deepspeed*) ready=step=1.ckpt/latest ;; *) ready=step=1.ckpt ;; esac
   settle=$([ "$PROFILE" = tiny ] && echo 0 || echo 5)
-  written() {
-    f=$(ls -d "$RUNS/$NAME"/*/checkpoints/video_finetune/$ready 2> /dev/null) || return 1
-    case $STRATEGY in deepspeed*) ;; *) [ "$(tail -c 22 "$f" | od -An -tx1 -N4 | tr -d ' ')" = 504b0506 ] ;; esac
-  }
+  written() { ls -d "$RUNS/$NAME"/*/checkpoints/video_finetune/$ready > /dev/null 2>&1; }
   running() { [ "$(ps -o stat= -p "$1" 2> /dev/null | cut -c1)" != Z ] && kill -0 "$1" 2> /dev/null; }  # not a zombie
   if [ "$PHASE" != resume ]; then
     (cd /tmp && exec setsid python -m mm_lightning fit $ARGS curriculum.stages.video_finetune.max_steps=3) \
