@@ -17,9 +17,10 @@
 # PROFILE=tiny runs the same commands on CPU-sized models (the dry run). Logs and JSON go to $OUT.
 # `python -P`: the installed mm_lightning, not the repository folder's (installing maps callbacks/ and evaluation/
 # into the package; from the repository root the bare folder would shadow it).
-# The GPU image lacks insightface and ffmpeg: carry insightface's wheel and imageio-ffmpeg's (its ffmpeg binary;
-# 21 MB as .tar.xz when the 64 MiB carry is tight) for evalfit, step, sample and sequence (the reliance probe at the
-# start of training writes the demo evaluation set's clips) with EXTRA=faces.backend=insightface.
+# The GPU image lacks diffusers, MLflow, insightface, ffmpeg and more: `bash benchmarks/gpu_wheels.sh download` here,
+# carry .gpu_wheels/core, and `source benchmarks/gpu_wheels.sh install` there first. Use
+# EXTRA=faces.backend=insightface for evalfit, step, sample and sequence (the reliance probe at the start of training
+# writes the demo evaluation set's clips through ffmpeg and scores them).
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:////tmp/mm_mlflow.db}
 PROFILE=${PROFILE:-cogvideox-5b}
@@ -69,6 +70,17 @@ for key in sorted(k for k in run.data.metrics if k.startswith("train/")):
     history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
     print(f"{key}: " + ", ".join(f"step {m.step}: {m.value:.4g}" for m in history))
 EOF
+}
+
+# Every 5 s into $1 until the script ends: the host's used memory and, on GPUs, each GPU's (nvidia-smi: what the
+# allocator holds, its cache included).
+sample_memory() {
+  while true; do
+    echo "$(date -u +%T) host_used_mib $(free -m | awk '/Mem:/{print $3}')" \
+      "$(command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | tr '\n' ' ')"
+    sleep 5
+  done > "$1" 2>&1 < /dev/null &
+  trap "kill $! 2> /dev/null" EXIT
 }
 
 case "$1" in
@@ -159,10 +171,11 @@ sequence)
   # (under DeepSpeed joined from its shards). One checkpoint kept: at 5B each is 20-24 GiB, and in /dev/shm they
   # share the host's memory with the join of the stage's weights. Under FSDP a 20 GiB checkpoint takes about 2
   # minutes and the resume runs past one call's 10 minutes: PHASE=resume once more finishes the stage from its
-  # step-2 checkpoint.
+  # step-2 checkpoint. Memory every 5 s (host, GPUs) goes to $OUT/<strategy>_<N>gpu_<phase>_memory.txt.
   STRATEGY=${STRATEGY:-deepspeed_stage_2} PHASE=${PHASE:-both}
   N=${DEVICES:-$(python -c 'import torch; print(torch.cuda.device_count())')}
   NAME=${STRATEGY}_${N}gpu
+  sample_memory "$OUT/${NAME}_${PHASE}_memory.txt"
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   # From /tmp: Lightning starts the other ranks with `python -m mm_lightning`, without -P (see above).
   ARGS="--profile $PROFILE $(overrides) $EXTRA output_dir=$RUNS/$NAME trainer.strategy=$STRATEGY trainer.devices=$N

@@ -1,12 +1,17 @@
 """Image/video decoding, frame sampling and the resize + center-crop geometry."""
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
-import decord
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import decord
 
 
 class MediaReadError(OSError):
@@ -60,6 +65,10 @@ def write_mp4(path: str | Path, frames, fps: float) -> None:
 
 
 def open_video(path: str | Path) -> decord.VideoReader:
+    # decord is imported here, where a video is decoded: fit from cached latents, the reliance probe and generate
+    # decode none, and a machine that runs only those needs no decoder installed.
+    import decord
+
     # One decoder thread: parallelism comes from the DataLoader workers, and cores are few.
     return decord.VideoReader(str(path), num_threads=1)
 
