@@ -40,7 +40,6 @@ download() {
 }
 
 install() {
-  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
   local carried
   carried=$(ls "$WHEELS"/*/*.whl 2> /dev/null)
   [ -n "$carried" ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
