@@ -13,11 +13,10 @@ import tempfile
 from pathlib import Path
 
 import cv2
-import decord
 import numpy as np
 from PIL import Image
 
-from mm_lightning.data.media import read_image, write_mp4
+from mm_lightning.data.media import open_video, read_image, write_mp4
 from mm_lightning.data.prepare.faces import Drop, ShrunkAnalyzer, clip_faces, face_side, image_face
 from mm_lightning.data.prepare.scan import InputFile
 from mm_lightning.data.prepare.shots import brightness, clip_windows, detect_shots, sharpness
@@ -93,7 +92,7 @@ def _process_clip(frames: np.ndarray, s: dict) -> tuple[int, float, np.ndarray, 
 def _process_video(f: InputFile, raw: Path, out: Path, key: str, s: dict) -> tuple[list, list]:
     path = str(raw / f.path)
     try:
-        video = decord.VideoReader(path, num_threads=1)
+        video = open_video(path)
         num_frames, native_fps = len(video), float(video.get_avg_fps())
     except Exception as e:  # decord raises DECORDError / RuntimeError
         raise Drop("no_video_stream" if "video stream" in str(e) else "corrupt_video") from None
