@@ -3,13 +3,14 @@
 # package index; the image has torch 2.11, pytorch-lightning, torchmetrics, OpenCV, scikit-image, SciPy, matplotlib,
 # ONNX Runtime, accelerate and the Hugging Face hub, seen 2026-11-27):
 #   bash benchmarks/gpu_wheels.sh download   # here, from the repository root: .gpu_wheels/core (61 MiB: the
-#                                            # project's wheel, its libraries, ffmpeg) and .gpu_wheels/extra (13 MiB:
-#                                            # decord); run again after code changes to rebuild the project's wheel
+#                                            # project's wheel, its libraries, ffmpeg) and .gpu_wheels/extra (16 MiB:
+#                                            # decord, DeepSpeed); run again after code changes to rebuild the
+#                                            # project's wheel
 #   source benchmarks/gpu_wheels.sh install  # there: whatever of both is carried into /tmp/site, PYTHONPATH set,
 #                                            # then an import check that names what is still missing
 # A call carries at most 64 MiB, the repository included: core alone runs real_scale.sh (fit from cached latents
-# decodes no video). Where decord is needed too (prepare, fit from videos), carry .gpu_wheels/extra in a second call
-# on the same warm machine: /tmp/site stays while it is held. imageio-ffmpeg 0.5.1: a newer one's ffmpeg is 47 MiB
+# decodes no video). Where decord or DeepSpeed is needed too (prepare, fit from videos, trainer.strategy=deepspeed_*),
+# carry .gpu_wheels/extra in a second call on the same warm machine: /tmp/site stays while it is held. imageio-ffmpeg 0.5.1: a newer one's ffmpeg is 47 MiB
 # packed.
 WHEELS=.gpu_wheels
 
@@ -26,7 +27,11 @@ download() {
     opentelemetry-semantic-conventions==0.66b2 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 anyio==4.16.0 \
     h11==0.16.0 annotated-doc==0.0.7 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
     typing-inspection==0.4.5 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 || return 1
-  python3 -m pip download -q $plat -d "$WHEELS/extra" decord==0.6.0 || return 1
+  python3 -m pip download -q $plat -d "$WHEELS/extra" decord==0.6.0 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 \
+    py-cpuinfo==9.0.0 einops==0.8.2 || return 1
+  # DeepSpeed comes as an sdist whose setup imports torch: built by the project's Python, its kernels left to JIT.
+  [ -f "$WHEELS"/extra/deepspeed-0.19.8-*.whl ] || DS_BUILD_OPS=0 "${PYTHON:-.venv/bin/python}" -m pip wheel -q \
+    --no-deps --no-build-isolation deepspeed==0.19.8 -w "$WHEELS/extra" || return 1
   if [ ! -f "$WHEELS/core/ffmpeg.tar.xz" ]; then
     local tmp
     tmp=$(mktemp -d)

@@ -59,13 +59,19 @@ for f in sorted(run.glob("checkpoints/*/*.ckpt")):
 EOF
 }
 
-# What the newest MLflow run logged per step: the loss, and the gradient checks (grad_norm, or under DeepSpeed the
-# steps it skipped for non-finite gradients).
+# What the newest MLflow run whose run folder is under $1 logged per step: the loss, and the gradient checks
+# (grad_norm, or under DeepSpeed the steps it skipped for non-finite gradients). A resumed run keeps its start time,
+# so the newest run overall may be another strategy's.
 list_step_metrics() {
-  python - <<'EOF'
+  python - "$1" <<'EOF'
+import sys
+from pathlib import Path
 import mlflow
+from mm_lightning.tracking import TAG_RUN_DIR
 client = mlflow.MlflowClient()
-run = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time DESC"])[0]
+runs = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time DESC"])
+runs_dir = Path(sys.argv[1]).resolve()
+run = next(r for r in runs if runs_dir in Path(r.data.tags.get(TAG_RUN_DIR, "/")).parents)
 for key in sorted(k for k in run.data.metrics if k.startswith("train/")):
     history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
     print(f"{key}: " + ", ".join(f"step {m.step}: {m.value:.4g}" for m in history))
@@ -207,7 +213,7 @@ sequence)
   # PHASE=resume: the first run's log is the earlier call's, not in this $OUT
   echo "DeepSpeed's skip messages (OVERFLOW) in $OUT's logs: $(cat "$OUT"/${NAME}_{fit,resume}.log 2> /dev/null | grep -c OVERFLOW)" \
     | tee -a "$OUT/${NAME}_resume.log"
-  list_step_metrics | tee -a "$OUT/${NAME}_resume.log"
+  list_step_metrics "$RUNS/$NAME" | tee -a "$OUT/${NAME}_resume.log"
   ;;
 *) echo "usage: $0 snapshot|fit|evalfit|step|sample|optim|generate|multi|sequence"; exit 2 ;;
 esac

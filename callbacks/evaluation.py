@@ -19,7 +19,7 @@ from mm_lightning.callbacks.optimizer_steps import OptimizerSteps
 from mm_lightning.ema import find_ema
 from mm_lightning.evaluation_run import evaluate_model
 from mm_lightning.reliance import RelianceProbe
-from mm_lightning.strategies import whole_weights
+from mm_lightning.strategies import evaluation_weights
 
 
 class MLflowEvaluationCallback(Callback):
@@ -37,12 +37,13 @@ class MLflowEvaluationCallback(Callback):
 
     @contextmanager
     def _evaluating(self, trainer):
-        """No gradients; under FSDP every weight gathered; under bf16-mixed (frozen modules bf16, trainable ones
-        fp32) the training step's autocast; with ema.enabled the EMA weights swapped in."""
+        """No gradients; under FSDP the weights outside the blocks gathered (each block gathers its own); under
+        bf16-mixed (frozen modules bf16, trainable ones fp32) the training step's autocast; with ema.enabled the
+        EMA weights swapped in."""
         ema = find_ema(trainer)
         with (
             torch.no_grad(),
-            whole_weights(trainer.strategy.model),
+            evaluation_weights(trainer.strategy.model),
             trainer.precision_plugin.forward_context(),
             ema.swapped_in() if ema else nullcontext(),
         ):

@@ -86,17 +86,21 @@ def strategy(cfg: DictConfig):
     return name  # "auto"
 
 
-def whole_weights(model: nn.Module) -> AbstractContextManager:
-    """Every weight whole on every rank for the context's duration, where `model` (the trainer's strategy.model)
-    is FSDP's root; otherwise nothing. Outside an FSDP unit's forward a rank holds only its shard of the unit's
-    weights, and the evaluation and the reliance probe call modules directly (the VAE, the face encoder, the
-    transformer's own layers), not through the root's forward as a training step does. Collective: every rank
-    enters. writeback=False: nothing evaluation does reaches the shards. The gathered copy, freed on leaving, is
-    the whole model in its stored dtypes: at 5B about 28 GiB a GPU (FSDP on 4 GPUs held 7.1 GiB of it each)."""
+def evaluation_weights(model: nn.Module) -> AbstractContextManager:
+    """Where `model` (the trainer's strategy.model) is FSDP's root: its own unit's weights whole on every rank for
+    the context's duration; otherwise nothing. Outside a unit's forward a rank holds only its shard of the unit's
+    weights, and the evaluation and the reliance probe call the root unit's modules directly (the VAE, the face
+    encoder, the transformer's embeddings and output layers), not through the root's forward as a training step
+    does. The block units gather themselves in their own forward, one at a time, in the compute dtype of FSDP's
+    mixed precision (bf16 under bf16-mixed), and free their copy after it: the evaluation calls the transformer's
+    forward. Gathering every unit at once (recurse=True) held the whole transformer in fp32 (FSDP keeps frozen
+    and trainable weights of a unit in one flat fp32 tensor): at 5B on four H200s the peak per GPU was 86.83 GiB
+    that way, 60.64 GiB this way. Collective: every rank enters, and runs as many forwards (the evaluation gives
+    every rank as many videos). writeback=False: nothing evaluation does reaches the shards."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if isinstance(model, FullyShardedDataParallel):
-        return FullyShardedDataParallel.summon_full_params(model, writeback=False)
+        return FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False)
     return nullcontext()
 
 
