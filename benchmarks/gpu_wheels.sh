@@ -10,8 +10,8 @@
 #                                            # then an import check that names what is still missing
 # A call carries at most 64 MiB, the repository included: core alone runs real_scale.sh (fit from cached latents
 # decodes no video). Where decord or DeepSpeed is needed too (prepare, fit from videos, trainer.strategy=deepspeed_*),
-# carry .gpu_wheels/extra in a second call on the same warm machine: /tmp/site stays while it is held. imageio-ffmpeg 0.5.1: a newer one's ffmpeg is 47 MiB
-# packed.
+# carry .gpu_wheels/extra in a second call on the same warm machine: /tmp/site stays while it is held.
+# imageio-ffmpeg 0.5.1: a newer one's ffmpeg is 47 MiB packed.
 WHEELS=.gpu_wheels
 
 download() {
