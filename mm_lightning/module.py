@@ -318,9 +318,9 @@ class MagicMirrorModule(L.LightningModule):
         if engine is not None:
             self.log(f"train/{self.stage}/skipped_steps", float(engine.skipped_steps))
         if self.device.type == "cuda":
-            # The most any rank's tensors have held since the process started: the training steps, and the
-            # probe and evaluations (under FSDP these gather every weight). nvidia-smi shows the allocator's
-            # cache on top. Lightning's DeviceStatsMonitor would log all ~80 allocator statistics every batch.
+            # The most any rank's tensors have held since the process started: the training steps, the
+            # checkpoints, the probe and the evaluations. nvidia-smi shows the allocator's cache on top.
+            # Lightning's DeviceStatsMonitor would log all ~80 allocator statistics every batch.
             peak = gib(torch.cuda.max_memory_allocated(self.device))
             self.log(f"train/{self.stage}/gpu_peak_gib", peak, reduce_fx="max", sync_dist=True)
 
