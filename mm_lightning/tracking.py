@@ -15,16 +15,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import requests
 from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
@@ -234,11 +237,18 @@ class RunClient(MlflowClient):
         self.backlog = self.run_dir / BACKLOG_FILE
         self._offline_until = 0.0  # monotonic time of the next attempt while the store is down
         self.unlogged = 0
+        # fit's SIGINT/SIGTERM handlers raise wherever the main thread is. Raised inside MLflow's SQLAlchemy
+        # transaction, that left the transaction open: on SQLite the file stayed locked, and the KILLED status fit
+        # writes next went to the backlog, the run left RUNNING in the store. Writes to a database store therefore
+        # hold those signals until they end (an HTTP request cut short holds no lock, and may retry for minutes).
+        self._hold_signals = urllib.parse.urlparse(uri).scheme.split("+")[0] in DATABASE_ENGINES
 
     def _guard(self, call, record):
         """call() against the store; on an outage, record() goes to the backlog instead."""
         if time.monotonic() < self._offline_until:
             return self._keep(record())
+        held = {signal.SIGINT, signal.SIGTERM} if self._hold_signals else set()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
         try:
             return call()
         except Exception as err:  # noqa: BLE001 - sorted by _is_outage, the rest re-raised
@@ -253,6 +263,8 @@ class RunClient(MlflowClient):
                 )
             self._offline_until = time.monotonic() + self.probe_every_s
             return self._keep(record())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal's handler runs here, after the write
 
     def _keep(self, record: dict) -> None:
         self.unlogged += 1

@@ -97,6 +97,37 @@ def test_sigint_stops_fit_with_130_and_a_killed_run(tmp_path):
     assert MlflowClient(store_uri(tmp_path)).get_run(run_id).info.status == "KILLED"
 
 
+class _Stop(BaseException):  # as fit's StopSignals raises on SIGINT
+    pass
+
+
+def test_a_stop_signal_during_a_tracking_write_waits_for_it_and_leaves_the_store_writable(tmp_path):
+    # CI once saw the SIGINT test above leave its run RUNNING: the signal's exception landed inside MLflow's SQLite
+    # transaction, whose lock then sent fit's KILLED status to the backlog. Here a real SIGINT arrives while a
+    # metric's transaction commits (SQLAlchemy's commit event).
+    from sqlalchemy import event
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = RunClient(uri, tmp_path)
+    run_id = client.create_run(client.create_experiment("fit")).info.run_id
+
+    def stop(signum, frame):
+        raise _Stop
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        engine = client._tracking_client.store.engine
+        event.listen(engine, "commit", lambda connection: os.kill(os.getpid(), signal.SIGINT), once=True)
+        with pytest.raises(_Stop):
+            client.log_metric(run_id, "loss", 1.0, step=0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [1.0]  # the write ended first
+    RunClient(uri, tmp_path).set_terminated(run_id, "KILLED")  # as fit marks a stopped run
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert not (tmp_path / BACKLOG_FILE).exists()
+
+
 def test_latest_checkpoint_passes_over_a_truncated_file(tmp_path, capsys):
     for step in (4, 8):
         torch.save({"global_step": step}, tmp_path / f"step={step}.ckpt")
